@@ -1,11 +1,13 @@
 """Checks of the committed notebook file: it must read as one finished, in-order run at the defaults."""
 
 import json
+import os
 import re
 
 import pytest
-from conftest import NOTEBOOK, REPO
 from PIL import Image
+
+from conftest import NOTEBOOK, REPO
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_one_tagged_parameters_cell_comes_first(code_cells):
 
 
 def test_outputs_come_from_the_default_settings(code_cells, monkeypatch):
-    for name in [name for name in __import__("os").environ if name.startswith("VAE_")]:
+    for name in [name for name in os.environ if name.startswith("VAE_")]:
         monkeypatch.delenv(name)
     namespace = {}
     exec("".join(code_cells[0]["source"]), namespace)  # the parameters cell, with no overrides

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dataset_present, run_notebook
+from conftest import data_root, dataset_present, run_notebook
 
 pytestmark = pytest.mark.notebook
 
@@ -129,8 +129,6 @@ def test_bad_setting_stops_in_the_parameters_cell(tmp_path):
 @pytest.fixture
 def fashion_root(tmp_path):
     """A data root with Fashion-MNIST: from $VAE_DATA_DIR if there, else unzipped from Debian's package."""
-    from conftest import data_root
-
     if dataset_present(data_root(), "fashion"):
         return data_root()
     if not FASHION_PACKAGE.is_dir():
