@@ -42,6 +42,11 @@ def dataset_present(root, dataset):
     return not vh.missing_files(Path(root) / folder / "raw", expected_files)
 
 
+def snapshot(folder):
+    """Every file below `folder` (by relative path) with its bytes, to show that nothing was changed or lost."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 def pytest_configure(config):
     """Give nbval's kernel the quick configuration and a scratch OUT_DIR."""
     config.saved_environ = dict(os.environ)

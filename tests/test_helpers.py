@@ -2,7 +2,6 @@
 
 import json
 import struct
-from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 import vae_helpers as vh
-from conftest import REPO
+from conftest import REPO, snapshot
 
 DEFAULTS = dict(
     EPOCHS=20, BATCH_SIZE=128, LATENT_DIM=20, LEARNING_RATE=1e-3, SEED=1234, DATA_DIR="data", OUT_DIR=".",
@@ -92,11 +91,6 @@ def tiny_mnist(tmp_path):
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, count))
     expected = {p.name: (p.stat().st_size, vh.sha256_of(p)) for p in raw.iterdir()}
     return tmp_path, expected
-
-
-def snapshot(folder):
-    """Every file below `folder` with its bytes, to show that nothing was changed or lost."""
-    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def test_loads_synthetic_idx_files_as_float_tensors_in_unit_range(tiny_mnist):

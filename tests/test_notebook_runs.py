@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_root, dataset_present, run_notebook
+from conftest import data_root, dataset_present, run_notebook, snapshot
 
 pytestmark = pytest.mark.notebook
 
@@ -38,11 +38,6 @@ def failing_cell(notebook):
     failed = next(i for i, cell in enumerate(code_cells) if any(o["output_type"] == "error" for o in cell["outputs"]))
     assert all(cell["execution_count"] is None for cell in code_cells[failed + 1 :])
     return failed
-
-
-def snapshot(folder):
-    """Every file in `folder` with its bytes."""
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
 def test_quick_run_writes_every_figure_and_consistent_metrics(quick_run):
