@@ -2,10 +2,11 @@
 
 Sections, in the order the notebook uses them:
   configuration   read_config: the parameters cell's constants, overridden by VAE_* variables
-  setup           seed_everything, choose_device, library_versions, prepare_out_dir
+  setup           seed_everything, choose_device, library_versions, prepare_out_dir (warns if the disk is nearly full)
   data            load_dataset: find MNIST (or Fashion-MNIST), verify its SHA-256, load as tensors
   batches         shuffled_batches, ordered_batches, check_finite, ProgressLine
-  artifacts       atomic_path, save_image_grid, save_figure, write_json (write to a temp file, rename)
+  artifacts       atomic_path, write_bytes_atomically, save_image_grid, save_figure, write_json (write to a temp
+                  file, rename); DiskFullError says which file, which folder and how much space a run needs
   checkpoints     save_checkpoint, load_checkpoint, capture_rng_state, restore_rng_state
   tests & tools   load_notebook_definitions, check_run
 
@@ -15,15 +16,19 @@ Nothing runs at import: every function takes what it uses as parameters.
 import ast
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import math
 import os
 import platform
 import random
 import secrets
+import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +165,7 @@ class Config:
 
 
 def read_config(defaults, environ):
-    """Check the parameters cell's `defaults` (NAME -> value), apply VAE_NAME overrides, return a Config."""
+    """Check the parameters' values (cell or papermill), apply VAE_NAME overrides (they win), return a Config."""
     unknown_defaults = sorted(set(defaults) - set(SETTINGS))
     if unknown_defaults:
         raise ConfigError(f"Unknown setting(s) {unknown_defaults}; known: {sorted(SETTINGS)}.")
@@ -177,11 +182,14 @@ def read_config(defaults, environ):
         try:
             values[name.lower()] = parse(raw)
         except (TypeError, ValueError):
-            where = "environment variable" if source == env_name else "parameters cell value"
-            raise ConfigError(
-                f"{where} {source}={raw!r} is invalid: {name} must be {accepts}. "
-                f"Fix it (for example {env_name}={defaults[name]!r}) or unset {env_name}."
-            ) from None
+            if source == env_name:
+                message = (f"environment variable {env_name}={raw!r} is invalid: {name} must be {accepts}. "
+                           f"Fix it (for example {env_name}={defaults[name]!r}) or unset {env_name}.")
+            else:
+                message = (f"parameter {name}={raw!r} (from the parameters cell or papermill's -p) is invalid: "
+                           f"{name} must be {accepts}. Pass a valid value (papermill: -p {name} <value>) "
+                           "or correct the parameters cell.")
+            raise ConfigError(message) from None
     return Config(**values)
 
 
@@ -227,8 +235,12 @@ def library_versions():
     }
 
 
-def prepare_out_dir(path):
-    """Create the output folder and prove it is writable now, not after training."""
+class LowDiskSpaceWarning(UserWarning):
+    """OUT_DIR's disk has less free space than a run is expected to need."""
+
+
+def prepare_out_dir(path, needed_bytes=None):
+    """Create the output folder, prove it is writable now (not after training), warn if its disk is nearly full."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +251,22 @@ def prepare_out_dir(path):
             f"OUT_DIR {str(out)!r} cannot be written to ({err.strerror or err}). "
             "Point VAE_OUT_DIR at a writable folder; nothing was trained or written."
         ) from err
+    # A warning, not a refusal: the estimate is for the default settings, and a 1-epoch run needs less. It is
+    # still worth saying now, because otherwise the first sign is a DiskFullError after an epoch of training.
+    needed = space_needed(CHECKPOINT_BYTES_AT_DEFAULTS) if needed_bytes is None else needed_bytes
+    with contextlib.suppress(OSError):  # disk_usage can fail on exotic mounts; the writes will still explain
+        free = shutil.disk_usage(out).free
+        if free < needed:
+            warnings.warn(
+                LowDiskSpaceWarning(
+                    f"OUT_DIR {out} has only {_format_bytes(free)} free, and a run at the default settings needs "
+                    f"about {_format_bytes(needed)} there (the {_format_bytes(CHECKPOINT_BYTES_AT_DEFAULTS)} "
+                    "checkpoint vae.pt, a second copy of it while it is replaced each epoch, and the figures). "
+                    "The run will probably stop with DiskFullError when it saves. Free space on that disk, or "
+                    "point VAE_OUT_DIR at a folder on a disk with room."
+                ),
+                stacklevel=2,
+            )
     return out
 
 
@@ -400,42 +428,123 @@ class ProgressLine:
 
 # --------------------------------------------------------------------------- artifacts
 
+# The errno values that mean "no room": the disk is full, or the user's quota is used up (Windows has no EDQUOT).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+# vae.pt at the defaults: 1,082,680 parameters x 4 bytes x 3 (the weights and Adam's two moment estimates), plus
+# about 27 KB of history, settings and random states. tests/test_helpers.py checks it against the notebook's model.
+CHECKPOINT_BYTES_AT_DEFAULTS = 13_020_000
+
+# Everything else a run writes: six or seven PNGs and metrics.json, about 0.4 MB at the defaults; 1 MB leaves room.
+OTHER_ARTIFACT_BYTES = 1_000_000
+
+
+class DiskFullError(OSError):
+    """Writing into OUT_DIR failed because its disk is full or over quota; errno is ENOSPC or EDQUOT."""
+
+    def __str__(self):
+        """The whole explanation (OSError's own form would wrap it in '[Errno 28] ...: file')."""
+        return self.strerror
+
+
+def _format_bytes(count):
+    """A byte count the way df -H shows it: '13.0 MB', '250 KB'."""
+    return f"{count / 1e6:.1f} MB" if count >= 1e6 else f"{count / 1e3:.0f} KB"
+
+
+def space_needed(file_bytes):
+    """The free space, in bytes (whole MB), to ask for after a file of `file_bytes` did not fit."""
+    # Twice the file: the checkpoint is rewritten every epoch and its old copy is kept until the new one is
+    # complete; plus the figures and metrics still to come. An upper bound: a file replacing an old one needs less.
+    return math.ceil((2 * file_bytes + OTHER_ARTIFACT_BYTES) / 1e6) * 1_000_000
+
+
+def disk_full_error(err, path, size):
+    """A DiskFullError for `err` (ENOSPC or EDQUOT) from writing `size` bytes to `path`: what, where, how much, fix."""
+    target = Path(path)
+    folder = target.parent
+    try:
+        free = f"{_format_bytes(shutil.disk_usage(folder).free)} is free there now"
+    except OSError:  # the folder itself may have gone
+        free = "the free space there could not be read"
+    problem = "the disk is full" if err.errno == errno.ENOSPC else "you are over your disk quota there"
+    message = (
+        f"Could not write {target.name} into OUT_DIR {folder}: {problem} ({err.strerror or err}). "
+        f"{target.name} is {_format_bytes(size)}; the run needs about {_format_bytes(space_needed(size))} free "
+        f"in that folder (a second copy exists while a file is replaced, and the figures and metrics.json take up "
+        f"to 1 MB), and {free}. Nothing was damaged: the files already there (an older {target.name}, if any, "
+        "included) are whole, and the partial file was removed. Fix: free space on that disk, or point VAE_OUT_DIR "
+        "at a folder on a disk with room, then run again; VAE_RESUME=1 continues from the last epoch saved in "
+        "vae.pt (copy it along if you change VAE_OUT_DIR)."
+    )
+    return DiskFullError(err.errno, message, str(target))
+
+
+def _remove(path):
+    """Delete a file if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, size=None):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    # A full disk or quota, while writing or renaming, becomes a DiskFullError. `size` (what was being written)
+    # is for its message; without it, whatever reached the temporary file is a lower bound.
     target = Path(path)
     # Same folder, so the rename is atomic; the writer creates the file, so it gets the usual permissions.
     temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield temp
         os.replace(temp, target)
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        if size is None:
+            with contextlib.suppress(OSError):
+                size = temp.stat().st_size
+        _remove(temp)  # before the message measures the free space, so the partial file is not counted as used
+        raise disk_full_error(err, target, size or 0) from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        _remove(temp)
+
+
+def write_bytes_atomically(data, path):
+    """Write `data` (bytes) to `path` atomically; a full disk or quota raises DiskFullError."""
+    with atomic_path(path, size=len(data)) as temp:
+        with open(temp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            # Network file systems, quotas and delayed allocation may report a full disk only here (or at
+            # close), not at write(); it also makes the renamed file survive a power cut.
+            os.fsync(handle.fileno())
+    return Path(path)
+
+
+# The savers below render into memory and then write the bytes: the renderers' own file handling would report a
+# full disk in their own terms (torch.save: "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"),
+# while a plain write reports ENOSPC, which atomic_path turns into a DiskFullError. The files are at most 13 MB.
 
 
 def save_image_grid(images, path, nrow, side=28):
     """Save rows of `side`*`side` pixels as a PNG grid of `nrow` columns (torchvision's layout, 2 px gaps)."""
     from torchvision.utils import save_image
 
-    with atomic_path(path) as temp:
-        save_image(images.detach().reshape(-1, 1, side, side).cpu(), temp, nrow=nrow, format="png")
-    return Path(path)
+    buffer = io.BytesIO()
+    save_image(images.detach().reshape(-1, 1, side, side).cpu(), buffer, nrow=nrow, format="png")
+    return write_bytes_atomically(buffer.getbuffer(), path)
 
 
 def save_figure(figure, path):
     """Save a matplotlib figure as PNG, atomically."""
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png", dpi=100, bbox_inches="tight")
-    return Path(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return write_bytes_atomically(buffer.getbuffer(), path)
 
 
 def write_json(data, path):
     """Write `data` as indented JSON, atomically."""
-    with atomic_path(path) as temp:
-        temp.write_text(json.dumps(data, indent=2) + "\n")
-    return Path(path)
+    return write_bytes_atomically((json.dumps(data, indent=2) + "\n").encode(), path)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -469,10 +578,10 @@ def restore_rng_state(state, shuffle_generator, device):
 
 
 def save_checkpoint(state, path):
-    """Write a checkpoint dict with torch.save, atomically."""
-    with atomic_path(path) as temp:
-        torch.save(state, temp)
-    return Path(path)
+    """Write a checkpoint dict with torch.save, atomically; a full disk or quota raises DiskFullError."""
+    buffer = io.BytesIO()  # see the note above save_image_grid: torch.save's zip writer hides ENOSPC
+    torch.save(state, buffer)
+    return write_bytes_atomically(buffer.getbuffer(), path)
 
 
 def load_checkpoint(path, config_dict):

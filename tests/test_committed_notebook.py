@@ -51,8 +51,10 @@ def test_outputs_come_from_the_default_settings(code_cells, monkeypatch):
     for name in [name for name in os.environ if name.startswith("VAE_")]:
         monkeypatch.delenv(name)
     namespace = {}
-    exec("".join(code_cells[0]["source"]), namespace)  # the parameters cell, with no overrides
-    assert text_of(code_cells[0]) == repr(namespace["config"])
+    for cell in code_cells[:2]:  # the parameters cell and the cell that reads them, with no overrides
+        exec("".join(cell["source"]), namespace)
+    assert text_of(code_cells[0]) == ""
+    assert text_of(code_cells[1]) == repr(namespace["config"])
 
 
 def test_model_summary_is_checked_by_nbval_and_shows_the_parameter_count(code_cells):
@@ -67,3 +69,13 @@ def test_committed_run_reached_the_reproduction_bound_and_its_samples_are_commit
     assert len(re.findall(r"^epoch +\d+/20 ", printed, flags=re.MULTILINE)) == 20
     with Image.open(REPO / "samples.png") as samples:
         assert samples.size == (242, 242)
+
+
+def test_no_path_of_the_machine_that_ran_it(notebook):
+    """Readers elsewhere should see nothing machine-specific: OUT_DIR and DATA_DIR as given, not resolved."""
+    outputs = json.dumps([cell.get("outputs", []) for cell in notebook["cells"]])
+    metrics = (REPO / "metrics.json").read_text()
+    absolute = re.compile(r"""(?:^|[\s'"(=\[])(/(?:home|root|work|tmp|Users|var|srv|mnt|opt|data)\b[^\s'",)]*)""")
+    for name, text in (("the notebook's outputs", outputs), ("metrics.json", metrics)):
+        assert str(REPO) not in text, name
+        assert not absolute.findall(text), f"{name} shows absolute paths: {absolute.findall(text)[:3]}"

@@ -1,7 +1,13 @@
 """Unit tests of vae_helpers: configuration, data finding and checking, batches, artifacts, checkpoints."""
 
+import errno
+import io
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from urllib.error import URLError
 
 import numpy as np
@@ -10,7 +16,7 @@ import torch
 from PIL import Image
 
 import vae_helpers as vh
-from conftest import REPO, snapshot
+from conftest import NOTEBOOK, REPO, snapshot
 
 DEFAULTS = dict(
     EPOCHS=20, BATCH_SIZE=128, LATENT_DIM=20, LEARNING_RATE=1e-3, SEED=1234, DATA_DIR="data", OUT_DIR=".",
@@ -54,7 +60,7 @@ def test_other_bad_values_are_refused(name, value, accepts):
 
 
 def test_bad_value_in_the_parameters_cell_is_reported_as_such():
-    with pytest.raises(vh.ConfigError, match="parameters cell value BATCH_SIZE=0"):
+    with pytest.raises(vh.ConfigError, match="parameter BATCH_SIZE=0 .from the parameters cell or papermill"):
         vh.read_config(dict(DEFAULTS, BATCH_SIZE=0), {})
 
 
@@ -212,12 +218,156 @@ def test_out_dir_is_created_or_refused_before_any_work(tmp_path):
     assert blocker.read_text() == "keep me"
 
 
+# --------------------------------------------------------------------------- full disks
+
+
+WRITERS = {  # name -> a function that writes that artifact into a folder; all four paths the notebook uses
+    "metrics.json": lambda folder: vh.write_json({"final_test_loss": 99.5}, folder / "metrics.json"),
+    "loss_curves.png": lambda folder: vh.save_figure(plt_figure(), folder / "loss_curves.png"),
+    "samples.png": lambda folder: vh.save_image_grid(torch.rand(64, 784), folder / "samples.png", nrow=8),
+    "vae.pt": lambda folder: vh.save_checkpoint(make_checkpoint(DEFAULTS, width=100), folder / "vae.pt"),
+}
+
+
+def plt_figure():
+    """A small matplotlib figure, made without pyplot (so no display or backend is involved)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    figure.add_subplot().plot([3, 1, 2])
+    return figure
+
+
+def assert_explains_full_disk(error, path, wording="disk is full"):
+    """The DiskFullError names the problem, the file, the folder, the space needed and free, and the fix."""
+    message = str(error)
+    assert isinstance(error, OSError) and error.filename == str(path)
+    assert wording in message and "free" in message and " MB" in message, message
+    assert path.name in message and str(path.parent) in message and "VAE_OUT_DIR" in message, message
+
+
+def fail_fsync_with(monkeypatch, code):
+    """Make os.fsync raise OSError(code): the disk reports it is full after the bytes went to the temp file."""
+    seen = []
+
+    def fsync(fd):
+        seen.append(os.fstat(fd).st_size)  # a partly (here wholly) written temporary file exists at this point
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_injected_full_disk_is_explained_and_the_old_file_kept(tmp_path, monkeypatch, name):
+    WRITERS[name](tmp_path)  # the previous run's good file
+    for other in WRITERS:
+        if other != name:
+            WRITERS[other](tmp_path)
+    before = snapshot(tmp_path)
+    seen = fail_fsync_with(monkeypatch, errno.ENOSPC)
+    with pytest.raises(vh.DiskFullError) as error:
+        WRITERS[name](tmp_path)
+    assert seen and seen[0] > 0 and error.value.errno == errno.ENOSPC
+    assert_explains_full_disk(error.value, tmp_path / name)
+    assert f"{name} is {vh._format_bytes(seen[0])}" in str(error.value)  # sized from what was being written
+    assert snapshot(tmp_path) == before  # every old file whole, and no temporary file left
+
+
+@pytest.mark.skipif(not hasattr(errno, "EDQUOT"), reason="this platform has no EDQUOT")
+def test_injected_quota_is_called_a_quota(tmp_path, monkeypatch):
+    fail_fsync_with(monkeypatch, errno.EDQUOT)
+    with pytest.raises(vh.DiskFullError) as error:
+        vh.write_json({"final_test_loss": 99.5}, tmp_path / "metrics.json")
+    assert error.value.errno == errno.EDQUOT
+    assert_explains_full_disk(error.value, tmp_path / "metrics.json", wording="over your disk quota")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    fail_fsync_with(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as error:
+        vh.write_json({}, tmp_path / "metrics.json")
+    assert not isinstance(error.value, vh.DiskFullError) and error.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function that mounts a real tmpfs of the given size (e.g. '256k') and returns it; root on Linux only."""
+    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root on Linux")
+    mounted = []
+
+    def mount(size):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:  # e.g. a container without CAP_SYS_ADMIN
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_real_full_disk_stops_the_json_write_and_keeps_the_old_file(small_disk):
+    disk = small_disk("256k")
+    path = vh.write_json({"final_test_loss": 99.5}, disk / "metrics.json")
+    before = snapshot(disk)
+    with pytest.raises(vh.DiskFullError) as error:
+        vh.write_json({"values": list(range(100_000))}, path)  # about 1.3 MB of JSON
+    assert error.value.errno == errno.ENOSPC
+    assert_explains_full_disk(error.value, path)
+    assert snapshot(disk) == before
+
+
+def test_real_full_disk_stops_torch_save_and_keeps_the_old_checkpoint(small_disk):
+    disk = small_disk("512k")
+    path = vh.save_checkpoint(make_checkpoint(DEFAULTS), disk / "vae.pt")
+    before = snapshot(disk)
+    with pytest.raises(vh.DiskFullError) as error:  # plain torch.save says "RuntimeError: ... unexpected pos"
+        vh.save_checkpoint(make_checkpoint(DEFAULTS, width=500), path)  # 1.0 MB of weights
+    assert error.value.errno == errno.ENOSPC
+    assert_explains_full_disk(error.value, path)
+    assert "vae.pt is 1.0 MB" in str(error.value) and "needs about 4.0 MB free" in str(error.value)
+    assert snapshot(disk) == before
+    assert vh.load_checkpoint(path, DEFAULTS)["epoch"] == 2  # still resumable
+
+
+def test_nearly_full_out_dir_is_warned_about_before_training(tmp_path, monkeypatch):
+    disk_usage = type(shutil.disk_usage(tmp_path))
+    assert vh.prepare_out_dir(tmp_path / "roomy", needed_bytes=1).is_dir()  # no warning: pytest.ini shows any
+    cramped = disk_usage(total=10**9, used=10**9 - 5 * 10**6, free=5 * 10**6)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: cramped)
+    with pytest.warns(vh.LowDiskSpaceWarning, match=r"only 5\.0 MB free.*about 28\.0 MB.*VAE_OUT_DIR"):
+        assert vh.prepare_out_dir(tmp_path / "cramped").is_dir()
+
+
+def test_checkpoint_size_estimate_matches_the_notebooks_model():
+    nb = vh.load_notebook_definitions(NOTEBOOK)
+    torch.manual_seed(0)
+    model = nb["VAE"](latent_dim=DEFAULTS["LATENT_DIM"])
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(4, 784))[0].sum().backward()
+    optimizer.step()  # Adam's moment estimates exist from the first step on
+    history = {key: [100.0] * 20 for key in ("train_recon", "train_kl", "test_recon", "test_kl")}
+    state = make_checkpoint(DEFAULTS) | {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "history": history}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert abs(len(buffer.getvalue()) - vh.CHECKPOINT_BYTES_AT_DEFAULTS) < 0.02 * vh.CHECKPOINT_BYTES_AT_DEFAULTS
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-def make_checkpoint(config_dict):
-    """A small but complete checkpoint dict."""
-    model = torch.nn.Linear(3, 2)
+def make_checkpoint(config_dict, width=3):
+    """A small but complete checkpoint dict (width*width*12 bytes of weights and Adam state, roughly)."""
+    model = torch.nn.Linear(width, width if width > 3 else 2)
     optimizer = torch.optim.Adam(model.parameters())
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2, "config": config_dict,
             "history": {"test_recon": [1.5, 1.25]}, "train_seconds": 3.5,

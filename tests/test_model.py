@@ -52,7 +52,7 @@ def test_architecture_and_parameter_count(model):
 def test_closed_form_kl_matches_monte_carlo(nb):
     torch.manual_seed(2)
     mu, log_var = torch.randn(4, 20), torch.randn(4, 20)
-    closed = nb["loss_terms"](torch.zeros(4, 784), torch.zeros(4, 784), mu, log_var)[1]
+    closed = nb["gaussian_kl"](mu, log_var).sum()
     q = Normal(mu, torch.exp(0.5 * log_var))
     z = q.sample((20000,))
     per_sample = (q.log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(dim=(1, 2))
@@ -76,7 +76,7 @@ def test_loss_is_summed_bce_plus_kld(nb, model, images):
 def test_evaluate_terms_add_up_and_kl_splits_by_dimension(nb, model, images):
     recon, kl = nb["evaluate"](model, images, batch_size=5).tolist()  # uneven batches on purpose
     mu, log_var = model.encode(images)
-    whole_batch_kl = nb["loss_terms"](torch.zeros(16, 784), torch.zeros(16, 784), mu, log_var)[1].item()
+    whole_batch_kl = nb["gaussian_kl"](mu, log_var).sum().item()
     assert kl == pytest.approx(whole_batch_kl, rel=1e-5)
     per_dimension = nb["kl_per_dimension"](model, images, batch_size=3)
     assert per_dimension.shape == (20,) and (per_dimension >= 0).all()
@@ -104,10 +104,20 @@ def test_gradients_reach_the_encoder_through_the_sample(nb, model, images):
 def test_importance_weighted_with_one_sample_is_the_elbo_in_expectation(nb, model, images):
     torch.manual_seed(6)
     repeats = 400
-    one_sample = torch.stack([nb["importance_weighted_nll"](model, images, num_samples=1) for _ in range(repeats)])
-    elbo = torch.stack([nb["evaluate"](model, images, 16).sum() / len(images) for _ in range(repeats)])
+    generator = torch.Generator().manual_seed(6)
+    one_sample = torch.stack([nb["importance_weighted_nll"](model, images, 1, generator) for _ in range(repeats)])
+    elbo = torch.stack([nb["evaluate"](model, images, 16, seed=r).sum() / len(images) for r in range(repeats)])
     difference = one_sample.mean(dim=1) - elbo  # per repeat; zero in expectation
     assert abs(difference.mean()) < 4 * difference.std() / math.sqrt(repeats)
+
+
+def test_evaluation_draws_from_its_own_seeded_stream(nb, model, images):
+    torch.manual_seed(8)
+    global_state = torch.get_rng_state()
+    first = nb["evaluate"](model, images, 5, seed=3)
+    assert torch.equal(torch.get_rng_state(), global_state)  # training's random stream is not shifted
+    assert torch.equal(nb["evaluate"](model, images, 5, seed=3), first)
+    assert not torch.equal(nb["evaluate"](model, images, 5, seed=4), first)  # the seed does pick the draws
 
 
 def test_importance_weighted_bound_is_tighter_than_the_elbo(nb, model, images):

@@ -15,7 +15,7 @@ from conftest import data_root, dataset_present, run_notebook, snapshot
 pytestmark = pytest.mark.notebook
 
 FIGURES = ("samples.png", "reconstructions.png", "latent_space.png", "interpolation.png", "loss_curves.png",
-           "kl_per_dimension.png")
+           "kl_per_dimension.png", "iw_vs_k.png", "aggregate_samples.png")
 # Entries of metrics.json that identical runs may differ in: the time taken, and OUT_DIR and RESUME
 # (part of "config"); every number a run computes must match.
 NOT_RESULTS = ("train_seconds", "config")
@@ -52,7 +52,16 @@ def test_quick_run_writes_every_figure_and_consistent_metrics(quick_run):
     assert sum(metrics["kl_per_dimension"]) == pytest.approx(metrics["final_test_kl"], rel=1e-4)
     iw = metrics["importance_weighted"]
     assert iw["K"] == 50 and iw["test_images"] == 100 and iw["nll"] <= iw["elbo_loss_same_images"]
-    assert 0 <= metrics["active_units"] <= 20
+    assert 0 <= metrics["active_units"] <= 20 and 0 <= metrics["active_units_burda"] <= 20
+    assert metrics["final_test_negative_elbo"] == pytest.approx(metrics["final_test_recon"] + metrics["final_test_kl"])
+    assert 0 < metrics["entropy_floor"] < metrics["final_test_recon"]  # grey pixels: a floor under the BCE
+    by_k = iw["by_K"]
+    assert by_k["K"] == [1, 10, 100] and by_k["test_images"] == 100  # K <= 5 * IW_SAMPLES in the quick setting
+    surgery = metrics["elbo_surgery"]
+    assert surgery["average_kl"] == pytest.approx(surgery["mutual_information"] + surgery["marginal_kl"])
+    assert surgery["average_kl"] == pytest.approx(metrics["final_test_kl"], rel=1e-4)
+    assert metrics["gradient_variance"]["ratio"] > 1 and 0 < metrics["test_loss_redraw_sd"] < 1
+    assert 0.1 <= metrics["knn_accuracy"]["pca_2d"] and 0.1 <= metrics["knn_accuracy"]["latent"] <= 1
 
 
 def test_identical_runs_give_identical_results(quick_run, tmp_path):
@@ -110,13 +119,13 @@ def test_unwritable_out_dir_fails_before_training(tmp_path):
     blocker.write_text("keep me")
     notebook, error = run_notebook(blocker / "out")
     assert error is not None and "cannot be written to" in error.evalue and "VAE_OUT_DIR" in error.evalue
-    assert failing_cell(notebook) == 1  # the setup cell, before the data is loaded or anything trained
+    assert failing_cell(notebook) == 2  # the setup cell, before the data is loaded or anything trained
     assert blocker.read_text() == "keep me"
 
 
-def test_bad_setting_stops_in_the_parameters_cell(tmp_path):
+def test_bad_setting_stops_in_the_settings_cell(tmp_path):
     notebook, error = run_notebook(tmp_path, EPOCHS="abc")
-    assert error is not None and error.ename == "ConfigError" and failing_cell(notebook) == 0
+    assert error is not None and error.ename == "ConfigError" and failing_cell(notebook) == 1
     assert "VAE_EPOCHS='abc'" in error.evalue and "a whole number >= 1" in error.evalue
     assert list(tmp_path.iterdir()) == []
 

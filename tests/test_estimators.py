@@ -1,0 +1,316 @@
+"""Tests of the estimators added for issue 9 (pixel entropy, Burda activity, ELBO surgery, gradient estimators,
+k-NN accuracy, and the importance-weighted bound's dependence on K), exactly as the notebook defines them.
+
+The code under test is loaded from the notebook's cells tagged `definitions`. Each oracle is independent of the
+code it checks: closed-form values, numerical integration on a grid, brute-force loops, numpy, torch.distributions.
+Random quantities are checked with fixed seeds against a few Monte Carlo standard errors.
+"""
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+import vae_helpers as vh
+from conftest import NOTEBOOK
+
+
+@pytest.fixture(scope="module")
+def nb():
+    """The notebook's definitions: pixel_entropy, posterior_mean_variance, elbo_surgery, ..."""
+    return vh.load_notebook_definitions(NOTEBOOK)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tensors are tiny, and a second thread only adds waiting (a lot on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_vae(nb, pixels=6, hidden=5, latent_dim=1, seed=0):
+    """The notebook's VAE with its layers swapped for tiny ones (same forward code), for many fast repeats."""
+    torch.manual_seed(seed)
+    model = nb["VAE"](latent_dim=latent_dim)
+    sizes = {"enc1": (pixels, hidden), "enc2": (hidden, hidden), "enc_mu": (hidden, latent_dim),
+             "enc_log_var": (hidden, latent_dim), "dec1": (latent_dim, hidden), "dec2": (hidden, hidden),
+             "dec3": (hidden, pixels)}
+    for name, (fan_in, fan_out) in sizes.items():
+        setattr(model, name, nn.Linear(fan_in, fan_out))
+    return model
+
+
+# --------------------------------------------------------------------------- pixel_entropy
+
+
+def test_pixel_entropy_known_pixels_and_exact_at_zero_and_one(nb):
+    image = torch.tensor([[0.0, 1.0, 0.5, 0.25], [0.0, 0.0, 1.0, 1.0]])
+    h_quarter = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    entropy = nb["pixel_entropy"](image)
+    assert entropy.shape == (2,)
+    assert entropy[0].item() == pytest.approx(math.log(2) + h_quarter, rel=1e-6)
+    assert entropy[1].item() == 0.0  # binary pixels: exactly zero, not nan
+
+
+def test_bce_is_entropy_plus_bernoulli_kl_so_entropy_is_its_floor(nb):
+    torch.manual_seed(0)
+    x = torch.rand(8, 784) * (torch.rand(8, 784) > 0.3)  # grey levels, a third exactly 0 as in MNIST
+    x[:, :50] = 1.0
+    entropy = nb["pixel_entropy"](x)
+    x_hat = torch.rand(8, 784).clamp(0.01, 0.99)
+    bce = F.binary_cross_entropy(x_hat, x, reduction="none").sum(dim=1)
+    assert (bce >= entropy).all()
+    assert F.binary_cross_entropy(x, x, reduction="none").sum(dim=1) == pytest.approx(entropy.tolist(), rel=1e-5)
+    inside = torch.rand(8, 784).clamp(0.01, 0.99)  # strictly inside (0, 1), where the Bernoulli KL is finite
+    kl = kl_divergence(Bernoulli(probs=inside), Bernoulli(probs=x_hat)).sum(dim=1)
+    bce_inside = F.binary_cross_entropy(x_hat, inside, reduction="none").sum(dim=1)
+    assert (nb["pixel_entropy"](inside) + kl).tolist() == pytest.approx(bce_inside.tolist(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- posterior_mean_variance
+
+
+def test_posterior_mean_variance_on_a_constructed_encoder(nb):
+    """mu_0, mu_1 constant; mu_2 = 3 x_0; mu_3 = x_1 - 2 x_2: the encoder passes pixels 0..2 through the ReLUs."""
+    torch.manual_seed(1)
+    model = nb["VAE"](latent_dim=4)
+    with torch.no_grad():
+        for layer in (model.enc1, model.enc2, model.enc_mu, model.enc_log_var):
+            layer.weight.zero_(), layer.bias.zero_()
+        for i in range(3):  # pixels are >= 0, so ReLU passes them unchanged
+            model.enc1.weight[i, i] = model.enc2.weight[i, i] = 1.0
+        model.enc_mu.bias[:2] = torch.tensor([0.7, -1.2])
+        model.enc_mu.weight[2, 0] = 3.0
+        model.enc_mu.weight[3, 1], model.enc_mu.weight[3, 2] = 1.0, -2.0
+        model.enc_log_var.bias[0] = -3.0  # unit 0: a constant mean, but a posterior narrower than the prior
+    images = torch.rand(37, 784)
+    pixels = images[:, :3].double().numpy()
+    expected = [0.0, 0.0, np.var(3 * pixels[:, 0]), np.var(pixels[:, 1] - 2 * pixels[:, 2])]  # ddof=0: divides by N
+    variance = nb["posterior_mean_variance"](model, images, batch_size=8)  # uneven batches on purpose
+    assert variance.shape == (4,)
+    assert variance.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-10)
+    # Unit 0 is active by its KL (> 0.01 nats) yet inactive for Burda et al. (variance 0 < 0.01): they differ.
+    kl_unit_0 = kl_divergence(Normal(0.7, math.exp(-1.5)), Normal(0.0, 1.0)).item()
+    assert kl_unit_0 > 0.01 and variance[0] < 0.01
+
+
+# --------------------------------------------------------------------------- elbo_surgery
+
+
+def closed_form_average_kl(mu, log_var):
+    return kl_divergence(Normal(mu.double(), torch.exp(0.5 * log_var.double())), Normal(0.0, 1.0)).sum(1).mean()
+
+
+def test_elbo_surgery_identical_posteriors_have_no_mutual_information(nb):
+    mu = torch.tensor([0.5, -1.0, 2.0]).expand(40, 3)
+    log_var = torch.tensor([-1.0, 0.3, -2.0]).expand(40, 3)
+    result = nb["elbo_surgery"](mu, log_var, 4000, generator(0), chunk=300)
+    assert result["average_kl"] == pytest.approx(closed_form_average_kl(mu, log_var).item(), rel=1e-5)
+    assert abs(result["mutual_information"]) < 4 * result["standard_error"]
+    assert abs(result["marginal_kl"] - result["average_kl"]) < 4 * result["standard_error"]
+
+
+def test_elbo_surgery_far_apart_posteriors_have_mutual_information_log_n(nb):
+    torch.manual_seed(2)
+    n = 50
+    mu = torch.stack([torch.arange(n) % 10 - 4.5, torch.arange(n) // 10 - 2.0], dim=1).float()  # a 10 x 5 grid
+    log_var = torch.full((n, 2), math.log(1e-3**2)) + 0.1 * torch.randn(n, 2)  # std ~ 0.001, spacing 1
+    result = nb["elbo_surgery"](mu, log_var, 4000, generator(1), chunk=512)
+    assert result["mutual_information"] == pytest.approx(math.log(n), abs=4 * result["standard_error"])
+
+
+def test_elbo_surgery_terms_add_up_and_respect_their_bounds(nb):
+    torch.manual_seed(3)
+    mu, log_var = torch.randn(300, 5), torch.randn(300, 5) - 1
+    result = nb["elbo_surgery"](mu, log_var, 2000, generator(2), chunk=64)
+    assert set(result) == {"average_kl", "mutual_information", "marginal_kl", "standard_error"}
+    assert result["average_kl"] == pytest.approx(closed_form_average_kl(mu, log_var).item(), rel=1e-5)
+    assert result["average_kl"] == pytest.approx(result["mutual_information"] + result["marginal_kl"], abs=1e-4)
+    slack = 4 * result["standard_error"]
+    assert -slack < result["mutual_information"] < math.log(300) + slack and result["marginal_kl"] > -slack
+    # the draws come from the generator alone: same seed, same answer; the global RNG is not touched
+    state = torch.get_rng_state()
+    assert nb["elbo_surgery"](mu, log_var, 2000, generator(2), chunk=700) == pytest.approx(result, rel=1e-5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def mixture_kls_on_a_grid(mu, log_var, grid, axes):
+    """Oracle: (KL(q || p), I(x; z)) for the mixture q = mean_n N(mu_n, diag exp(log_var_n)) by the trapezoid rule.
+
+    I(x; z) is computed as mean_n KL(q_n || q), a different formula from the identity the estimator relies on.
+    """
+    components = Normal(mu.double(), torch.exp(0.5 * log_var.double()))
+    log_q_n = components.log_prob(grid[..., None, :]).sum(-1)  # (*grid, N)
+    log_q = torch.logsumexp(log_q_n, dim=-1) - math.log(len(mu))
+    log_p = Normal(0.0, 1.0).log_prob(grid).sum(-1)
+
+    def integrate(values):
+        for axis in axes:
+            values = torch.trapezoid(values, axis, dim=0)
+        return values
+
+    marginal_kl = integrate(log_q.exp() * (log_q - log_p))
+    mutual_information = integrate(log_q_n.exp() * (log_q_n - log_q[..., None])).mean()
+    return marginal_kl.item(), mutual_information.item()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_elbo_surgery_matches_numerical_integration(nb, dims):
+    if dims == 1:  # three overlapping components in 1-D
+        mu, log_var = torch.tensor([[-2.0], [0.5], [1.0]]), torch.log(torch.tensor([[0.3], [1.5], [0.05]]))
+        axis = torch.linspace(-15, 15, 30001, dtype=torch.float64)
+        grid, axes = axis[:, None], [axis]
+    else:  # two components in 2-D, with different widths along each axis
+        mu, log_var = torch.tensor([[-1.0, 0.5], [1.5, 0.0]]), torch.log(torch.tensor([[0.4, 1.2], [0.8, 0.2]]))
+        axis = torch.linspace(-9, 9, 721, dtype=torch.float64)
+        grid, axes = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1), [axis, axis]
+    marginal_kl, mutual_information = mixture_kls_on_a_grid(mu, log_var, grid, axes)
+    result = nb["elbo_surgery"](mu, log_var, 20000, generator(3), chunk=4096)
+    slack = 4 * result["standard_error"] + 1e-4
+    assert result["marginal_kl"] == pytest.approx(marginal_kl, abs=slack)
+    assert result["mutual_information"] == pytest.approx(mutual_information, abs=slack)
+
+
+# --------------------------------------------------------------------------- importance_weighted_nll
+
+
+def test_importance_weighted_estimate_falls_with_k_on_average(nb):
+    """Burda et al. (2016): E[log p_hat_K] does not decrease with K, so the mean estimated NLL does not increase."""
+    torch.manual_seed(4)
+    model = nb["VAE"](latent_dim=20)
+    with torch.no_grad():
+        model.enc_log_var.bias.fill_(-3.0)  # a posterior much narrower than the prior: a loose ELBO, clear gaps
+    images = torch.rand(4, 784) * (torch.rand(4, 784) > 0.33)
+    seeds = range(20)
+    means = {k: torch.stack([nb["importance_weighted_nll"](model, images, k, generator=generator(s)).mean()
+                             for s in seeds]) for k in (1, 10, 100)}
+    assert means[1].mean() >= means[10].mean() >= means[100].mean()
+    # K = 1 is a one-sample negative ELBO: its mean is -E_q[log p(x|z) + log p(z) - log q(z|x)] (oracle below)
+    with torch.no_grad():
+        mu, log_var = model.encode(images)
+        q = Normal(mu, torch.exp(0.5 * log_var))
+        z = q.sample((4000,))  # (S, 4, 20)
+        log_px = Bernoulli(logits=model.decode_logits(z), validate_args=False).log_prob(images).sum(-1)
+    elbo_terms = log_px + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)  # (S, 4)
+    negative_elbo = -elbo_terms.mean(dim=1)
+    standard_error = math.hypot(means[1].std() / math.sqrt(len(seeds)), negative_elbo.std() / math.sqrt(len(z)))
+    assert abs(means[1].mean() - negative_elbo.mean()) < 4 * standard_error
+
+
+# --------------------------------------------------------------------------- encoder_gradient_samples
+
+
+def quadrature_gradient(model, x, params):
+    """Oracle for a 1-D latent: the exact gradient of sum_b E_q[log p(x_b|z)], integrating over z on a grid."""
+    grid = torch.linspace(-12, 12, 4001)
+    mu, log_var = model.encode(x)  # (B, 1)
+    density = Normal(mu, torch.exp(0.5 * log_var)).log_prob(grid).exp()  # (B, G): carries the gradient
+    with torch.no_grad():  # grey-level x: the Bernoulli log-likelihood continued to [0, 1], as the BCE is
+        likelihood = Bernoulli(logits=model.decode_logits(grid[:, None]), validate_args=False)
+        log_px = likelihood.log_prob(x[:, None, :]).sum(-1)  # (B, G)
+    objective = torch.trapezoid(density * log_px, grid, dim=1).sum()
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective, params)])
+
+
+def test_both_gradient_estimators_are_unbiased_and_reparameterization_has_lower_variance(nb):
+    model = tiny_vae(nb, pixels=4, hidden=5)  # a random encoder, and a decoder set so that log p(x|z) depends on z
+    with torch.no_grad():
+        model.enc_log_var.bias.fill_(-1.0)
+        for layer in (model.dec1, model.dec2, model.dec3):
+            layer.weight.zero_(), layer.bias.zero_()
+        model.dec1.weight[:2, 0] = torch.tensor([1.0, -1.0])  # relu(z), relu(-z)
+        model.dec2.weight[0, 0] = model.dec2.weight[1, 1] = 1.0
+        sign = torch.tensor([1.0, 1.0, -1.0, -1.0])
+        model.dec3.weight[:, 0], model.dec3.weight[:, 1] = 3 * sign, -3 * sign  # pixel logits 3 z sign
+    x = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.8, 0.0, 0.1], [0.0, 0.0, 1.0, 1.0]])
+    params = [p for name in ("enc1", "enc2", "enc_mu", "enc_log_var") for p in getattr(model, name).parameters()]
+    exact = quadrature_gradient(model, x, params)
+    direction = exact / exact.norm()
+    repeats = 1000
+    variances = {}
+    for estimator, seed in (("reparameterization", 5), ("score_function", 6)):
+        samples = nb["encoder_gradient_samples"](model, x, estimator, repeats, generator(seed))
+        assert samples.shape == (repeats, exact.numel())
+        standard_error = samples.std(dim=0) / math.sqrt(repeats)
+        assert (abs(samples.mean(dim=0) - exact) <= 4.5 * standard_error + 1e-6).all(), estimator
+        along = samples @ direction  # the component along the true gradient: a sharp test of scale and sign
+        assert abs(along.mean() - exact.norm()) < 4 * along.std() / math.sqrt(repeats), estimator
+        variances[estimator] = nb["gradient_variance"](samples)
+        assert variances[estimator] == pytest.approx(samples.double().var(dim=0).sum().item(), rel=1e-4)
+    assert variances["reparameterization"] < variances["score_function"]
+
+
+def test_gradient_samples_cover_the_encoder_only_and_use_the_generator_only(nb):
+    torch.manual_seed(7)
+    model = nb["VAE"](latent_dim=20)
+    x = torch.rand(2, 784)
+    state = torch.get_rng_state()
+    samples = nb["encoder_gradient_samples"](model, x, "reparameterization", 2, generator(8))
+    assert samples.shape == (2, 784 * 512 + 512 + 512 * 256 + 256 + 2 * (256 * 20 + 20))
+    assert not torch.equal(samples[0], samples[1])  # a fresh z each repeat
+    again = nb["encoder_gradient_samples"](model, x, "reparameterization", 2, generator(8))
+    assert torch.equal(samples, again) and torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="estimator"):
+        nb["encoder_gradient_samples"](model, x, "reinforce", 1, generator(8))
+
+
+def test_gradient_variance_is_the_trace_of_the_covariance(nb):
+    samples = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, -2.0], [2.0, 5.0, 0.0]])
+    assert nb["gradient_variance"](samples) == pytest.approx(1.0 + 0.0 + 4.0)  # unbiased: divides by R - 1
+    covariance = np.cov(samples.numpy(), rowvar=False)
+    assert nb["gradient_variance"](samples) == pytest.approx(np.trace(covariance))
+
+
+# --------------------------------------------------------------------------- knn_accuracy
+
+
+def clusters(per_class, classes, seed):
+    """Points around well-separated centres 100 e_c in 20-D, labelled by their cluster."""
+    torch.manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return 100 * F.one_hot(labels, 20).float() + torch.randn(len(labels), 20), labels
+
+
+def test_knn_accuracy_on_separated_clusters_and_a_known_fraction(nb):
+    train_codes, train_labels = clusters(30, 3, seed=9)
+    test_codes, test_labels = clusters(10, 3, seed=10)
+    assert nb["knn_accuracy"](train_codes, train_labels, test_codes, test_labels, k=5, chunk=7) == 1.0
+    wrong = test_labels.clone()
+    wrong[::4] = (wrong[::4] + 1) % 3  # 8 of the 30 test labels made wrong
+    assert nb["knn_accuracy"](train_codes, train_labels, test_codes, wrong, k=5, chunk=7) == pytest.approx(22 / 30)
+
+
+def test_knn_accuracy_breaks_ties_by_the_nearest_neighbour(nb):
+    train_codes, train_labels = torch.tensor([[0.0], [1.0]]), torch.tensor([1, 0])
+    test_codes = torch.tensor([[0.4], [0.6]])  # each sees one vote for each label, k = 2
+    assert nb["knn_accuracy"](train_codes, train_labels, test_codes, torch.tensor([1, 0]), k=2) == 1.0
+    assert nb["knn_accuracy"](train_codes, train_labels, test_codes, torch.tensor([0, 1]), k=2) == 0.0
+
+
+def test_knn_accuracy_matches_a_brute_force_vote(nb):
+    torch.manual_seed(11)
+    train_codes, train_labels = torch.randn(200, 3, dtype=torch.float64), torch.randint(4, (200,))
+    test_codes, test_labels = torch.randn(57, 3, dtype=torch.float64), torch.randint(4, (57,))
+    k = 5
+    correct = 0
+    for code, label in zip(test_codes.tolist(), test_labels.tolist()):
+        order = sorted(range(200), key=lambda i: math.dist(code, train_codes[i].tolist()))[:k]
+        neighbour_labels = [train_labels[i].item() for i in order]
+        counts = Counter(neighbour_labels)
+        best = max(counts.values())
+        predicted = next(lab for lab in neighbour_labels if counts[lab] == best)  # the tie rule: nearest first
+        correct += predicted == label
+    accuracy = nb["knn_accuracy"](train_codes, train_labels, test_codes, test_labels, k=k, chunk=10)
+    assert accuracy == correct / 57
