@@ -416,7 +416,8 @@ def summary_markdown(result, configurations, defaults, common):
         "measures it), hence one decimal; **active (KL)**, "
         "latent dimensions whose average KL exceeds 0.01 nats; **active (Burda)**, dimensions whose posterior "
         "mean varies across test images with variance above 0.01 (Burda et al., 2016), – where the run did not "
-        "record it; **training time**, seconds spent in training epochs (evaluation excluded). The binarized row "
+        "record it; **training time**, the seconds of the training epochs, each with its test evaluation. "
+        "The binarized row "
         "is measured on binary images, a different data distribution: its numbers are not comparable with the "
         "grey-level rows.",
     ]
