@@ -19,12 +19,13 @@ DEFAULTS = {
 
 @pytest.fixture
 def papermill_env(monkeypatch):
-    """No VAE_* settings from the test session (they would override -p), except where the data is."""
+    """No VAE_* settings from the test session (they would override -p); yields (monkeypatch, the data folder)."""
     import os
 
+    data_dir = data_root()  # read before VAE_DATA_DIR goes: tests pass it with -p, and must never download
     for name in [name for name in os.environ if name.startswith("VAE_")]:
         monkeypatch.delenv(name)
-    return monkeypatch
+    return monkeypatch, data_dir
 
 
 def execute(output_path, **parameters):
@@ -43,10 +44,11 @@ def test_inspect_lists_all_fifteen_settings_with_their_defaults():
 
 @pytest.mark.notebook
 def test_papermill_parameters_take_effect_and_environment_variables_win(papermill_env, tmp_path):
+    monkeypatch, data_dir = papermill_env
     out_dir = tmp_path / "papermill out"
-    papermill_env.setenv("VAE_IW_TEST_IMAGES", "30")  # beats the -p value below
+    monkeypatch.setenv("VAE_IW_TEST_IMAGES", "30")  # beats the -p value below
     execute(tmp_path / "executed.ipynb", EPOCHS=1, TRAIN_SUBSET=1000, IW_SAMPLES=20, IW_TEST_IMAGES=10,
-            OUT_DIR=str(out_dir), DATA_DIR=str(data_root()))
+            OUT_DIR=str(out_dir), DATA_DIR=str(data_dir))
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["config"]["EPOCHS"] == 1 and metrics["config"]["TRAIN_SUBSET"] == 1000
     assert metrics["config"]["OUT_DIR"] == str(out_dir)

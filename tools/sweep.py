@@ -412,8 +412,8 @@ def summary_markdown(result, configurations, defaults, common):
         "compare (lower is better); **−L_K**, the importance-weighted bound of Burda et al. (2016) with **K** "
         f"samples per image on the first {images} test images: an upper bound on −log p(x) in expectation, "
         "tighter than the negative ELBO, and a true negative log-likelihood bound only for the binarized row. "
-        "Test losses are one-sample estimates whose spread over draws of z is about 0.04 nats (the notebook "
-        "measures it), hence one decimal; **active (KL)**, "
+        f"Test losses are one-sample estimates whose spread over draws of z is {redraw_spread(result.metrics)} "
+        "(each run's test_loss_redraw_sd), hence one decimal; **active (KL)**, "
         "latent dimensions whose average KL exceeds 0.01 nats; **active (Burda)**, dimensions whose posterior "
         "mean varies across test images with variance above 0.01 (Burda et al., 2016), – where the run did not "
         "record it; **training time**, the seconds of the training epochs, each with its test evaluation. "
@@ -427,6 +427,12 @@ def summary_markdown(result, configurations, defaults, common):
     if result.not_run:
         lines += ["", "Not run yet, so not in the table: " + ", ".join(result.not_run) + "."]
     return "\n".join(lines) + "\n"
+
+
+def redraw_spread(metrics_by_name):
+    """The range of the runs' test-loss spread over draws of z, as text ('0.01 to 0.11 nats')."""
+    spreads = [m["test_loss_redraw_sd"] for m in metrics_by_name.values() if m.get("test_loss_redraw_sd") is not None]
+    return f"{min(spreads):.2f} to {max(spreads):.2f} nats" if spreads else "a few hundredths of a nat"
 
 
 def write_summary(result, configurations, defaults, common, path):
