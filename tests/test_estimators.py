@@ -97,7 +97,7 @@ def test_posterior_mean_variance_on_a_constructed_encoder(nb):
     images = torch.rand(37, 784)
     pixels = images[:, :3].double().numpy()
     expected = [0.0, 0.0, np.var(3 * pixels[:, 0]), np.var(pixels[:, 1] - 2 * pixels[:, 2])]  # ddof=0: divides by N
-    variance = nb["posterior_mean_variance"](model, images, batch_size=8)  # uneven batches on purpose
+    variance = nb["posterior_mean_variance"](nb["encode_images"](model, images, batch_size=8)[0])  # uneven batches
     assert variance.shape == (4,)
     assert variance.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-10)
     # Unit 0 is active by its KL (> 0.01 nats) yet inactive for Burda et al. (variance 0 < 0.01): they differ.
