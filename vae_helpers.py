@@ -1,13 +1,16 @@
-"""Plumbing for Variational_autoencoder.ipynb, so the notebook itself stays about the VAE.
+"""Plumbing for Variational_autoencoder.ipynb and its companion, so the notebooks stay about the VAE.
 
 Sections, in the order the notebook uses them:
-  configuration   read_config: the parameters cell's constants, overridden by VAE_* variables
+  configuration   read_config, read_evaluation_config: a parameters cell's constants, overridden by VAE_* variables
   setup           seed_everything, choose_device, library_versions, prepare_out_dir (warns if the disk is nearly full)
-  data            load_dataset: find MNIST (or Fashion-MNIST), verify its SHA-256, load as tensors
+  data            load_dataset: find MNIST (or Fashion-MNIST), verify its SHA-256, load as tensors; load_splits
   batches         shuffled_batches, ordered_batches, check_finite, ProgressLine
   artifacts       atomic_path, write_bytes_atomically, save_image_grid, save_figure, write_json (write to a temp
                   file, rename); DiskFullError says which file, which folder and how much space a run needs
-  checkpoints     save_checkpoint, load_checkpoint, capture_rng_state, restore_rng_state
+  checkpoints     save_checkpoint, load_checkpoint, capture_rng_state, restore_rng_state;
+                  load_trained_checkpoint, checkpoint_config (for the companion, Evaluating_a_trained_VAE.ipynb)
+  training state  TrainingRun (an epoch completes or is rolled back), trained_run and check_data (cells run out
+                  of order stop with the cell to run), FairThreads (fewer threads while other processes are busy)
   tests & tools   load_notebook_definitions, check_run
 
 Nothing runs at import: every function takes what it uses as parameters.
@@ -15,6 +18,7 @@ Nothing runs at import: every function takes what it uses as parameters.
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -28,7 +32,9 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +112,7 @@ def _parse_path(text):
     return str(Path(str(text).strip()).expanduser())
 
 
-# name: (parser, what it accepts). The notebook's parameters cell supplies the defaults.
+# name: (parser, what it accepts). The walkthrough's parameters cell supplies the defaults.
 SETTINGS = {
     "EPOCHS": (_parse_int(1), "a whole number >= 1"),
     "BATCH_SIZE": (_parse_int(1), "a whole number >= 1"),
@@ -120,10 +126,21 @@ SETTINGS = {
     "DATASET": (_parse_choice("mnist", "fashion"), "mnist or fashion"),
     "BETA": (_parse_float(0.0, inclusive=True), "a number >= 0 (1 = the plain VAE)"),
     "BINARIZE": (_parse_bool, "0 or 1"),
-    "IW_SAMPLES": (_parse_int(1), "a whole number >= 1"),
-    "IW_TEST_IMAGES": (_parse_int(1), "a whole number >= 1"),
     "RESUME": (_parse_bool, "0 or 1"),
 }
+
+# The companion notebook's parameters cell (Evaluating_a_trained_VAE.ipynb): the rest comes from the checkpoint.
+EVALUATION_SETTINGS = {
+    "OUT_DIR": SETTINGS["OUT_DIR"],
+    "DATA_DIR": SETTINGS["DATA_DIR"],
+    "DATASET": SETTINGS["DATASET"],
+    "DEVICE": SETTINGS["DEVICE"],
+    "IW_SAMPLES": (_parse_int(1), "a whole number >= 1"),
+    "IW_TEST_IMAGES": (_parse_int(1), "a whole number >= 1"),
+}
+
+# Every VAE_* name either notebook reads: a VAE_* variable outside this set is a typo, and is refused.
+KNOWN_SETTINGS = frozenset(SETTINGS) | frozenset(EVALUATION_SETTINGS)
 
 # Settings that change the numbers a run produces; a checkpoint must agree on all of them to be
 # resumed. EPOCHS is not among them: resuming with a larger EPOCHS continues the same run.
@@ -155,8 +172,6 @@ class Config:
     dataset: str
     beta: float
     binarize: bool
-    iw_samples: int
-    iw_test_images: int
     resume: bool
 
     def as_dict(self):
@@ -164,17 +179,35 @@ class Config:
         return {field.name.upper(): getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
-def read_config(defaults, environ):
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """The companion notebook's settings, checked; field names are its parameters cell's names in lower case."""
+
+    out_dir: str
+    data_dir: str
+    dataset: str
+    device: str
+    iw_samples: int
+    iw_test_images: int
+
+    def as_dict(self):
+        """The settings as a JSON-ready dict keyed by the parameters cell's names."""
+        return {field.name.upper(): getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+def read_config(defaults, environ, settings=None, config_class=None):
     """Check the parameters' values (cell or papermill), apply VAE_NAME overrides (they win), return a Config."""
-    unknown_defaults = sorted(set(defaults) - set(SETTINGS))
+    settings = SETTINGS if settings is None else settings
+    config_class = Config if config_class is None else config_class
+    unknown_defaults = sorted(set(defaults) - set(settings))
     if unknown_defaults:
-        raise ConfigError(f"Unknown setting(s) {unknown_defaults}; known: {sorted(SETTINGS)}.")
-    unknown_env = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :] not in SETTINGS)
+        raise ConfigError(f"Unknown setting(s) {unknown_defaults}; known: {sorted(settings)}.")
+    unknown_env = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :] not in KNOWN_SETTINGS)
     if unknown_env:
-        known = ", ".join(ENV_PREFIX + name for name in SETTINGS)
+        known = ", ".join(ENV_PREFIX + name for name in sorted(KNOWN_SETTINGS))
         raise ConfigError(f"Unknown environment variable(s) {unknown_env}. Known: {known}.")
     values = {}
-    for name, (parse, accepts) in SETTINGS.items():
+    for name, (parse, accepts) in settings.items():
         if name not in defaults:
             raise ConfigError(f"The parameters cell does not define {name} ({accepts}).")
         env_name = ENV_PREFIX + name
@@ -190,7 +223,12 @@ def read_config(defaults, environ):
                            f"{name} must be {accepts}. Pass a valid value (papermill: -p {name} <value>) "
                            "or correct the parameters cell.")
             raise ConfigError(message) from None
-    return Config(**values)
+    return config_class(**values)
+
+
+def read_evaluation_config(defaults, environ):
+    """read_config for the companion notebook's parameters cell."""
+    return read_config(defaults, environ, EVALUATION_SETTINGS, EvaluationConfig)
 
 
 # --------------------------------------------------------------------------- setup
@@ -302,6 +340,7 @@ class Split:
 
     images: torch.Tensor  # (N, 784) float32, on the training device
     labels: torch.Tensor  # (N,) int64, on the training device
+    settings: dict = dataclasses.field(default_factory=dict)  # the DATA_SETTINGS it was loaded with
 
 
 def sha256_of(path):
@@ -373,6 +412,22 @@ def load_dataset(data_dir, dataset, device, allow_download, expected_files=None)
         images = ds.data.reshape(len(ds.data), -1).to(device=device, dtype=torch.float32).div_(255)
         splits.append(Split(images=images, labels=ds.targets.to(device)))
     return splits[0], splits[1], list(ds.classes)
+
+
+# The settings the loaded tensors depend on: if one changes, the data must be loaded again.
+DATA_SETTINGS = ("DATA_DIR", "DATASET", "TRAIN_SUBSET", "BINARIZE", "DEVICE")
+
+
+def load_splits(config, device, allow_download=True):
+    """The training and test Splits a config asks for (subset, fixed test binarization), and the class names."""
+    train, test, class_names = load_dataset(config.data_dir, config.dataset, device, allow_download)
+    if config.train_subset:
+        train = Split(train.images[: config.train_subset], train.labels[: config.train_subset])
+    if config.binarize:  # one fixed binary draw of the test set, so that test losses stay comparable
+        test = Split(torch.bernoulli(test.images, generator=torch.Generator(device).manual_seed(0)), test.labels)
+    settings = {name: config.as_dict()[name] for name in DATA_SETTINGS}
+    train.settings = test.settings = settings  # what they were loaded with, so a later setting change is noticed
+    return train, test, class_names
 
 
 # --------------------------------------------------------------------------- batches
@@ -557,24 +612,15 @@ class CheckpointError(RuntimeError):
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "history", "train_seconds", "rng")
 
 
-def capture_rng_state(shuffle_generator, device):
-    """Every random state a training run draws from, as tensors that torch.load(weights_only=True) reads."""
-    state = {"torch_cpu": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["torch_mps"] = torch.mps.get_rng_state()
-    return state
+def capture_rng_state(generators):
+    """The states of named torch.Generators, as tensors that torch.load(weights_only=True) reads."""
+    return {name: generator.get_state() for name, generator in generators.items()}
 
 
-def restore_rng_state(state, shuffle_generator, device):
-    """Put back the random states captured by capture_rng_state."""
-    torch.set_rng_state(state["torch_cpu"])
-    shuffle_generator.set_state(state["shuffle"])
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state(state["torch_cuda"], device)
-    elif device.type == "mps" and "torch_mps" in state:
-        torch.mps.set_rng_state(state["torch_mps"])
+def restore_rng_state(state, generators):
+    """Put back the states captured by capture_rng_state."""
+    for name, generator in generators.items():
+        generator.set_state(state[name])
 
 
 def save_checkpoint(state, path):
@@ -604,13 +650,278 @@ def load_checkpoint(path, config_dict):
     return state
 
 
+WALKTHROUGH = "Variational_autoencoder.ipynb"
+
+
+def checkpoint_config(state, **replacements):
+    """The training Config a checkpoint stores (its 13 settings, checked), with some replaced, e.g. DATA_DIR=...
+
+    VAE_* variables are not applied: they belong to the notebook that reads the checkpoint, not to the run that
+    made it. Entries a checkpoint holds beyond SETTINGS (older runs stored IW_SAMPLES, IW_TEST_IMAGES) are ignored.
+    """
+    stored = state["config"]
+    missing = [name for name in SETTINGS if name not in stored]
+    if missing:
+        raise ConfigError(f"its configuration lacks {missing}")
+    return read_config({**{name: stored[name] for name in SETTINGS}, **replacements}, {})
+
+
+def load_trained_checkpoint(path, dataset):
+    """Load a finished training run's checkpoint for evaluation (weights_only), or say what to do instead.
+
+    Raises CheckpointError if the file is missing, unreadable, incomplete, holds an interrupted run
+    (epoch < EPOCHS), or was trained on a data set other than `dataset`. Returns the checkpoint dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"There is no checkpoint {path}: this notebook evaluates a trained model. Run {WALKTHROUGH} first "
+            "(make run) with the same OUT_DIR, or point OUT_DIR/VAE_OUT_DIR at the folder that holds its vae.pt."
+        )
+    train_again = f"Train again: run {WALKTHROUGH} with VAE_RESUME=0 and this OUT_DIR ({path.parent})."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip, random bytes, or a pickle with disallowed globals
+        problem = f"Cannot read checkpoint {path}: it is truncated or corrupt ({err})."
+        raise CheckpointError(f"{problem} {train_again}") from err
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if not missing and not isinstance(state["config"], dict):
+        missing = ["config (not a dict)"]
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} is incomplete: it lacks {missing}. {train_again}")
+    try:
+        trained = checkpoint_config(state)
+    except ConfigError as err:
+        raise CheckpointError(f"Checkpoint {path} has an unusable configuration: {err}. {train_again}") from None
+    if state["epoch"] < trained.epochs:
+        raise CheckpointError(
+            f"Checkpoint {path} holds {state['epoch']} of its {trained.epochs} epochs: training was interrupted. "
+            f"Finish it first: run {WALKTHROUGH} again with RESUME = True (VAE_RESUME=1) and the same OUT_DIR "
+            "(its training cell continues from the last epoch), then run this notebook."
+        )
+    if trained.dataset != dataset:
+        raise CheckpointError(
+            f"Checkpoint {path} was trained on DATASET={trained.dataset!r}, but this notebook is set to "
+            f"DATASET={dataset!r}. Set DATASET = {trained.dataset!r} (VAE_DATASET={trained.dataset}) to evaluate it, "
+            f"or point OUT_DIR/VAE_OUT_DIR at a run trained on {dataset!r}."
+        )
+    return state
+
+
+# --------------------------------------------------------------------------- training state
+
+
+class NotebookOrderError(RuntimeError):
+    """A cell was run out of order: what it needs is missing, or was built with other settings."""
+
+
+# What to run when a setting changed after the things that depend on it were built: the first cell, in notebook
+# order, whose result depends on it. EPOCHS and RESUME are left out: raising EPOCHS continues the same run.
+CELL_TO_RERUN = {
+    **dict.fromkeys(DATA_SETTINGS, "the data cell (section 3, `train, test, class_names = ...`)"),
+    **dict.fromkeys(("LATENT_DIM", "SEED"), "the model cell (section 4, `model = VAE(...)`)"),
+    **dict.fromkeys(("BATCH_SIZE", "LEARNING_RATE", "BETA", "OUT_DIR"),
+                    "the cell that creates the optimizer (section 6, `optimizer = ...`)"),
+}
+CELL_ORDER = list(dict.fromkeys(CELL_TO_RERUN.values()))
+
+# Models with a TrainingRun: lets a later cell find the run that trained `model`, and see that there is none.
+_RUNS = weakref.WeakKeyDictionary()
+
+
+def _changed(built_with, config_dict, names):
+    """The names among `names` whose value in `built_with` differs from `config_dict`'s."""
+    return [name for name in names if built_with.get(name) != config_dict[name]]
+
+
+def _order_error(built_with, config_dict, changed):
+    """A NotebookOrderError naming what changed and the earliest cell to run again."""
+    changes = "; ".join(f"{name}: {built_with.get(name)!r} -> {config_dict[name]!r}" for name in changed)
+    cell = min((CELL_TO_RERUN[name] for name in changed), key=CELL_ORDER.index)
+    return NotebookOrderError(f"Settings changed after this state was built ({changes}). Run {cell} and the cells "
+                              "after it, in order (or Kernel > Restart & Run All).")
+
+
+def check_data(config, *splits):
+    """Raise NotebookOrderError if a Split was loaded with settings other than `config`'s."""
+    wanted = config.as_dict()
+    for split in splits:
+        changed = _changed(split.settings, wanted, DATA_SETTINGS)
+        if changed:
+            raise _order_error(split.settings, wanted, changed)
+
+
+def has_initial_weights(model, seed):
+    """True if `model` holds the weights it is built with right after torch.manual_seed(seed)."""
+    fresh = copy.deepcopy(model).cpu()
+    with torch.random.fork_rng(devices=[]):  # the global stream is left where it was
+        torch.manual_seed(seed)
+        for module in fresh.modules():  # the order the layers were created in, so the same draws land in each
+            if module is not fresh and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    current = model.state_dict()
+    return all(torch.equal(value, current[name].cpu()) for name, value in fresh.state_dict().items())
+
+
+class TrainingRun:
+    """Everything training changes: model and optimizer state, two random streams, the history, the epoch count.
+
+    Epochs run inside `epoch()`: an epoch either completes (history appended, checkpoint written) or, if it is
+    interrupted or fails, leaves the state exactly as it was when the epoch began. So the training cell can be
+    interrupted anywhere and run again, and continues as a run that was never interrupted.
+    """
+
+    def __init__(self, model, optimizer, config, checkpoint_path, device):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.checkpoint_path = Path(checkpoint_path)
+        self.generators = {
+            "shuffle": torch.Generator().manual_seed(config.seed),  # batch order, on the CPU for every device
+            "noise": torch.Generator(device).manual_seed(config.seed + 1),  # eps (and binarization) in training
+        }
+        self.history = {"train_recon": [], "train_kl": [], "test_recon": [], "test_kl": []}  # per image, per epoch
+        self.epochs_done, self.train_seconds = 0, 0.0
+        self._snapshot = None
+        if config.resume and self.checkpoint_path.exists():
+            self._load(load_checkpoint(self.checkpoint_path, config.as_dict()))
+            print(f"resumed from {self.checkpoint_path} after epoch {self.epochs_done}")
+        else:
+            if config.resume:
+                print(f"RESUME is set but there is no {self.checkpoint_path}: training from the start")
+            if model in _RUNS or not has_initial_weights(model, config.seed):
+                raise NotebookOrderError(
+                    f"`model` does not hold the initial weights for SEED = {config.seed}: it has been trained "
+                    "already, or was built with another seed. Run the model cell (section 4, `model = VAE(...)`), "
+                    "then this cell."
+                )
+        _RUNS[model] = self
+
+    def state_dict(self):
+        """The checkpoint: everything needed to continue this run exactly."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epochs_done, "config": self.config.as_dict(), "history": self.history,
+                "train_seconds": self.train_seconds, "rng": capture_rng_state(self.generators)}
+
+    def _load(self, state):
+        """Make this run the one `state` describes (a checkpoint, or a snapshot taken at an epoch's start)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"], self.generators)
+        self.history = {key: list(values) for key, values in state["history"].items()}
+        self.epochs_done, self.train_seconds = state["epoch"], state["train_seconds"]
+
+    def check(self, config, model, *splits):
+        """Raise NotebookOrderError, naming the cell to run, unless `model`, the data and `config` fit this run."""
+        if model is not self.model:
+            raise NotebookOrderError(
+                "`model` is not the model this training run holds: the model cell was run again after the optimizer "
+                "was created. Run the cell that creates the optimizer (section 6, `optimizer = ...`), then this one."
+            )
+        check_data(config, *splits)
+        built_with, wanted = self.config.as_dict(), config.as_dict()
+        changed = _changed(built_with, wanted, CELL_TO_RERUN)
+        if changed:
+            raise _order_error(built_with, wanted, changed)
+
+    def epochs_to_train(self, config, model, *splits):
+        """The epochs from the last completed one up to config.epochs, after checking the notebook's state."""
+        self.check(config, model, *splits)
+        self.config = config  # only EPOCHS (or RESUME) can differ, and a larger EPOCHS continues this run
+        if self.epochs_done >= config.epochs:
+            print(f"Trained {self.epochs_done} epochs already (EPOCHS = {config.epochs}): nothing to train. To train "
+                  "more, raise EPOCHS in the parameters cell, run it and the setup cell, then this cell again.")
+        return range(self.epochs_done + 1, config.epochs + 1)
+
+    @contextlib.contextmanager
+    def epoch(self, epoch, progress=None):
+        """Run one epoch's code; if it does not reach finish_epoch, put everything back as it was at its start."""
+        self._snapshot = copy.deepcopy(self.state_dict())  # 13 MB at the defaults: milliseconds
+        try:
+            yield
+        except BaseException as err:
+            finished = self._snapshot is None
+            if not finished:
+                self._load(self._snapshot)
+                self._snapshot = None
+            where = (f"Stopped in epoch {epoch}; the model, optimizer, random streams and history are back at the "
+                     f"end of epoch {epoch - 1}" if not finished else f"Stopped after epoch {epoch} was saved")
+            message = f"{where}. Run this cell again to continue from there."
+            if progress is not None:
+                progress.update(message)
+            if isinstance(err, KeyboardInterrupt):
+                raise KeyboardInterrupt(message) from None
+            err.add_note(message)
+            raise
+
+    def finish_epoch(self, train_terms, test_terms, seconds):
+        """Record a completed epoch's per-image [recon, kl] terms and write the checkpoint."""
+        for key, value in zip(self.history, [*train_terms.tolist(), *test_terms.tolist()]):
+            self.history[key].append(value)
+        self.epochs_done += 1
+        self.train_seconds += seconds
+        save_checkpoint(self.state_dict(), self.checkpoint_path)
+        self._snapshot = None  # the epoch is complete: nothing to roll back from here on
+
+
+def trained_run(model, config, *splits):
+    """The TrainingRun that trained `model` for all config.epochs; else NotebookOrderError naming the cell to run."""
+    run = _RUNS.get(model)
+    if run is None:
+        raise NotebookOrderError("`model` has not been trained: run section 6's cells (the one that creates the "
+                                 "optimizer, then the training cell) first.")
+    run.check(config, model, *splits)
+    if run.epochs_done != config.epochs:
+        raise NotebookOrderError(f"The model has been trained for {run.epochs_done} of EPOCHS = {config.epochs} "
+                                 "epochs: run the training cell (section 6) first.")
+    return run
+
+
+class FairThreads:
+    """Lower torch's CPU thread count while other processes keep cores busy, and restore it when they stop.
+
+    PyTorch's OpenMP threads spin while they wait for each other. Alone that is fastest; with another busy process
+    on the same cores, a spinning thread takes turns from the thread it waits for, and an epoch can take four times
+    longer. Reads /proc/stat (Linux); elsewhere it changes nothing. The thread count does not change the arithmetic
+    here (tests/test_training_state.py checks that a run with switching threads is bit-identical).
+    """
+
+    def __init__(self, interval=0.5):
+        self.max_threads = torch.get_num_threads()
+        self.cores = os.cpu_count() or 1
+        self.interval = interval  # seconds between looks at the load
+        self._last = self._sample()
+
+    @staticmethod
+    def _sample():
+        """(seconds, CPU-seconds of work on the machine, CPU-seconds of this process), or None without /proc/stat."""
+        try:
+            with open("/proc/stat") as handle:
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, handle.readline().split()[1:8])
+        except (OSError, ValueError):
+            return None
+        return time.monotonic(), (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+    def adjust(self):
+        """Set the thread count to the cores other processes left free since the last call (at least 1)."""
+        now = self._sample()
+        if now is None or self._last is None or now[0] - self._last[0] < self.interval:
+            return
+        others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / (now[0] - self._last[0])  # busy cores
+        self._last = now
+        threads = max(1, min(self.max_threads, round(self.cores - max(others, 0.0))))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- tests & tools
 
 
-def load_notebook_definitions(notebook_path, tag="definitions"):
-    """Run the notebook's import statements and its cells tagged `tag`; return the resulting namespace."""
+def load_notebook_definitions(notebook_path, tag="definitions", namespace=None):
+    """Run the notebook's import statements and its cells tagged `tag` in `namespace` (default: a new dict).
+
+    Returns the namespace. Passing another notebook's namespace lets one notebook's definitions use the other's.
+    """
     notebook = json.loads(Path(notebook_path).read_text())
-    namespace = {"__name__": "notebook_definitions"}
+    namespace = {"__name__": "notebook_definitions"} if namespace is None else namespace
     for cell in notebook["cells"]:
         if cell["cell_type"] != "code":
             continue
@@ -618,27 +929,49 @@ def load_notebook_definitions(notebook_path, tag="definitions"):
         if tag in cell.get("metadata", {}).get("tags", []):
             exec(compile(source, f"{notebook_path}:{tag}", "exec"), namespace)
         else:  # other cells do work; only their imports are needed by the tagged ones
-            imports = [node for node in ast.parse(source).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+            # top-level imports, and those inside a top-level `try` (an import with a clearer error if it fails)
+            body = [inner for node in ast.parse(source).body
+                    for inner in (node.body if isinstance(node, ast.Try) else [node])]
+            imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
             exec(compile(ast.Module(body=imports, type_ignores=[]), str(notebook_path), "exec"), namespace)
     return namespace
 
 
-def check_run(out_dir, max_test_loss, required_files=("samples.png", "metrics.json")):
-    """Raise SystemExit with a reason unless `out_dir` holds a finished run whose test loss is within bound."""
+def _read_run_json(out, name, keys):
+    """out/name as a dict holding `keys`; SystemExit with the reason if it is unreadable or lacks one."""
+    try:
+        data = json.loads((out / name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SystemExit(f"FAILED: {out / name} is unreadable ({type(err).__name__}: {err})") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise SystemExit(f"FAILED: {out / name} lacks {missing}")
+    return data
+
+
+def check_run(out_dir, max_test_loss, required_files=("samples.png", "metrics.json", "evaluation.json")):
+    """Raise SystemExit with a reason unless `out_dir` holds a finished, evaluated run whose test loss is within
+    bound (the walkthrough's metrics.json and samples.png, the companion's evaluation.json); returns both JSONs."""
     out = Path(out_dir)
     missing = [name for name in required_files if not (out / name).is_file()]
     if missing:
         raise SystemExit(f"FAILED: {out} lacks {missing}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    loss = metrics["final_test_loss"]
+    metrics = _read_run_json(out, "metrics.json", ["final_test_loss"])
+    evaluation = _read_run_json(out, "evaluation.json", ["importance_weighted"])
+    loss, iw = metrics["final_test_loss"], evaluation["importance_weighted"]
+    if not isinstance(iw, dict) or not {"nll", "K"} <= set(iw):
+        raise SystemExit(f"FAILED: {out / 'evaluation.json'} has no importance-weighted bound (nll, K)")
     if not loss <= max_test_loss:
         raise SystemExit(f"FAILED: final test loss {loss:.3f} is above the bound {max_test_loss}")
-    print(f"OK: final test loss {loss:.3f} <= {max_test_loss}; {', '.join(required_files)} present in {out}")
-    return metrics
+    images = f" on {iw['test_images']:,} test images" if isinstance(iw.get("test_images"), int) else ""
+    print(f"OK: final test loss {loss:.3f} <= {max_test_loss}; importance-weighted bound -L_K {iw['nll']:.3f} "
+          f"(K = {iw['K']:,}{images}); {', '.join(required_files)} present in {out}")
+    return metrics, evaluation
 
 
 def main(argv):
-    """Command line for the Makefile: `fetch DATA_DIR DATASET` or `check-run OUT_DIR MAX_TEST_LOSS`."""
+    """Command line for the Makefile: `fetch DATA_DIR DATASET` or `check-run OUT_DIR MAX_TEST_LOSS` (both notebooks'
+    results: metrics.json, evaluation.json, samples.png)."""
     if len(argv) == 3 and argv[0] == "fetch":
         train, test, _ = load_dataset(argv[1], argv[2], torch.device("cpu"), allow_download=True)
         print(f"{argv[2]} in {argv[1]}: {len(train.images):,} + {len(test.images):,} images, checksums verified")

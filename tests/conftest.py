@@ -18,6 +18,7 @@ from nbclient.exceptions import CellExecutionError
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "Variational_autoencoder.ipynb"
+COMPANION = REPO / "Evaluating_a_trained_VAE.ipynb"
 sys.path.insert(0, str(REPO))
 import vae_helpers as vh  # noqa: E402
 
@@ -74,13 +75,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run_notebook(out_dir, **settings):
-    """Execute the whole notebook in a fresh kernel with the quick configuration plus `settings`.
+def run_notebook(out_dir, notebook_path=NOTEBOOK, **settings):
+    """Execute a whole notebook in a fresh kernel with the quick configuration plus `settings`.
 
     Returns (executed notebook, None) or (partly executed notebook, CellExecutionError).
     """
     env = dict(os.environ, VAE_OUT_DIR=str(out_dir), **{f"VAE_{k}": str(v) for k, v in settings.items()})
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(notebook_path, as_version=4)
     for cell in notebook["cells"]:  # start from a clean slate, not the committed run's outputs
         if cell["cell_type"] == "code":
             cell["outputs"], cell["execution_count"] = [], None

@@ -1,4 +1,4 @@
-"""Whole-notebook runs in the quick configuration: figures, determinism, resuming, Fashion-MNIST, and
+"""Whole runs of the walkthrough in the quick configuration: figures, determinism, resuming, Fashion-MNIST, and
 every way a run can be refused, each showing its clear error and that nothing already written was lost.
 (nbval runs the notebook once more on its own, from pytest.ini.)
 """
@@ -14,8 +14,7 @@ from conftest import data_root, dataset_present, run_notebook, snapshot
 
 pytestmark = pytest.mark.notebook
 
-FIGURES = ("samples.png", "reconstructions.png", "latent_space.png", "interpolation.png", "loss_curves.png",
-           "kl_per_dimension.png", "iw_vs_k.png", "aggregate_samples.png")
+FIGURES = ("samples.png", "reconstructions.png", "interpolation.png", "loss_curves.png")
 # Entries of metrics.json that identical runs may differ in: the time taken, and OUT_DIR and RESUME
 # (part of "config"); every number a run computes must match.
 NOT_RESULTS = ("train_seconds", "config")
@@ -49,23 +48,9 @@ def test_quick_run_writes_every_figure_and_consistent_metrics(quick_run):
     assert len(history["test_recon"]) == 2 and metrics["config"]["EPOCHS"] == 2
     assert metrics["final_test_loss"] == pytest.approx(metrics["final_test_recon"] + metrics["final_test_kl"])
     assert metrics["test_loss"] == pytest.approx([r + k for r, k in zip(history["test_recon"], history["test_kl"])])
-    assert sum(metrics["kl_per_dimension"]) == pytest.approx(metrics["final_test_kl"], rel=1e-4)
-    iw = metrics["importance_weighted"]
-    assert iw["K"] == 50 and iw["test_images"] == 100 and iw["nll"] <= iw["elbo_loss_same_images"]
-    assert 0 <= metrics["active_units"] <= 20 and 0 <= metrics["active_units_burda"] <= 20
     assert metrics["final_test_negative_elbo"] == pytest.approx(metrics["final_test_recon"] + metrics["final_test_kl"])
     assert 0 < metrics["entropy_floor"] < metrics["final_test_recon"]  # grey pixels: a floor under the BCE
-    by_k = iw["by_K"]
-    assert by_k["K"] == [1, 10, 100] and by_k["test_images"] == 100  # K <= 5 * IW_SAMPLES in the quick setting
-    surgery = metrics["elbo_surgery"]
-    assert surgery["average_kl"] == pytest.approx(surgery["mutual_information"] + surgery["marginal_kl"])
-    assert surgery["average_kl"] == pytest.approx(metrics["final_test_kl"], rel=1e-4)
-    ratios = metrics["gradient_variance"]["ratio_to_reparameterization"]
-    assert ratios["score_function"] > ratios["score_function_baseline"] > ratios["reparameterization"] == 1
-    assert 0 < metrics["test_loss_redraw_sd"] < 1 and 0 < metrics["test_loss_standard_error"] < 5
-    assert 0 <= metrics["marginal_kl_gaussian_lower_bound"] <= surgery["marginal_kl"] + 4 * surgery["standard_error"]
-    knn = metrics["knn_accuracy"]
-    assert all(0.1 <= knn[name] <= 1 for name in ("latent", "pca_2d", "untrained_encoder", "pixels"))
+    assert metrics["train_seconds"] > 0 and metrics["config"]["RESUME"] is False
 
 
 def test_identical_runs_give_identical_results(quick_run, tmp_path):
