@@ -1,8 +1,10 @@
-# Two commands on a fresh machine: `make run` (train at the defaults) and `make test`.
+# Two commands on a fresh machine: `make run` (train, then evaluate, at the defaults) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOK := Variational_autoencoder.ipynb
+# The companion: evaluates the walkthrough's checkpoint (OUT_DIR/vae.pt), writes evaluation.json and its figures.
+COMPANION := Evaluating_a_trained_VAE.ipynb
 DATA_DIR := $(or $(VAE_DATA_DIR),data)
 DATASET := $(or $(VAE_DATASET),mnist)
 REPRODUCE_DIR ?= build/reproduce
@@ -66,12 +68,14 @@ lock: $(VENV)/.uv  ## regenerate requirements*.lock from requirements*.txt and U
 data: setup  ## make sure the data set is in $(DATA_DIR), verified (downloads through torchvision if absent)
 	$(BIN)/python vae_helpers.py fetch $(DATA_DIR) $(DATASET)
 
-run: data  ## the main job: execute the notebook in place at its defaults; writes samples.png and friends here
+run: data  ## the main job: execute the walkthrough, then the companion, in place at their defaults; writes every figure here
 	$(EXECUTE) --inplace $(NOTEBOOK)
+	$(EXECUTE) --inplace $(COMPANION)
 
-reproduce: data  ## run the notebook headless at the defaults into $(REPRODUCE_DIR) and check the result
+reproduce: data  ## run both notebooks headless at the defaults into $(REPRODUCE_DIR) and check the result
 	rm -rf $(REPRODUCE_DIR) && mkdir -p $(REPRODUCE_DIR)
-	VAE_OUT_DIR=$(REPRODUCE_DIR) $(EXECUTE) --output-dir $(REPRODUCE_DIR) --output executed.ipynb $(NOTEBOOK)
+	VAE_OUT_DIR=$(REPRODUCE_DIR) $(EXECUTE) --output-dir $(REPRODUCE_DIR) $(NOTEBOOK)
+	VAE_OUT_DIR=$(REPRODUCE_DIR) $(EXECUTE) --output-dir $(REPRODUCE_DIR) $(COMPANION)
 	$(BIN)/python vae_helpers.py check-run $(REPRODUCE_DIR) $(MAX_TEST_LOSS)
 
 test: data  ## the test suite: helpers, model and loss, and the notebook under nbval (a few minutes)
@@ -80,11 +84,12 @@ test: data  ## the test suite: helpers, model and loss, and the notebook under n
 lint: dev  ## ruff and nbstripout through pre-commit, on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
-bench: data  ## time one epoch three ways and print the ratios
+bench: data  ## time one epoch three ways, then alone and beside a second job on the cores; print the ratios
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_shared_cores.py
 
-sweep: data  ## one notebook run per exercise configuration into build/sweep (resumable), then a table and a figure; published to results/sweep
+sweep: data  ## train and evaluate each exercise configuration into build/sweep (resumable), then a table and a figure; published to results/sweep
 	$(BIN)/python tools/sweep.py --out build/sweep --data-dir $(DATA_DIR) --publish results/sweep $(SWEEP_ARGS)
 
 clean:  ## remove scratch runs (keeps .venv and data)
-	rm -rf $(REPRODUCE_DIR) .pytest_cache .ruff_cache __pycache__ tests/__pycache__
+	rm -rf $(REPRODUCE_DIR) .pytest_cache .ruff_cache __pycache__ tests/__pycache__ tools/__pycache__
