@@ -427,7 +427,14 @@ def test_check_run_accepts_a_good_run_and_refuses_a_bad_one(tmp_path):
         vh.check_run(tmp_path, 101.5)
     (tmp_path / "samples.png").write_bytes(b"png")
     vh.write_json({"final_test_loss": 100.4}, tmp_path / "metrics.json")
-    assert vh.check_run(tmp_path, 101.5)["final_test_loss"] == 100.4
+    with pytest.raises(SystemExit, match=r"lacks \['evaluation.json'\]"):  # the companion has not run
+        vh.check_run(tmp_path, 101.5)
+    vh.write_json({"importance_weighted": {}}, tmp_path / "evaluation.json")
+    with pytest.raises(SystemExit, match="no importance-weighted bound"):
+        vh.check_run(tmp_path, 101.5)
+    vh.write_json({"importance_weighted": {"nll": 95.0, "K": 1000, "test_images": 1000}}, tmp_path / "evaluation.json")
+    metrics, evaluation = vh.check_run(tmp_path, 101.5)
+    assert metrics["final_test_loss"] == 100.4 and evaluation["importance_weighted"]["nll"] == 95.0
     vh.write_json({"final_test_loss": 101.6}, tmp_path / "metrics.json")
     with pytest.raises(SystemExit, match="above the bound"):
         vh.check_run(tmp_path, 101.5)

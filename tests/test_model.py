@@ -1,6 +1,7 @@
-"""Tests of the model, the loss and the estimators exactly as the notebook defines them.
+"""Tests of the model, the loss and the estimators exactly as the notebooks define them.
 
-The code under test is loaded from the notebook's cells tagged `definitions`: there is no second copy here.
+The code under test is loaded from the cells tagged `definitions` of the walkthrough (model, loss, training,
+evaluation) and of the companion (the estimators): there is no second copy here.
 Oracles are independent of that code: torch.distributions, Monte Carlo, and F.binary_cross_entropy.
 """
 
@@ -12,13 +13,18 @@ import torch.nn.functional as F
 from torch.distributions import Normal
 
 import vae_helpers as vh
-from conftest import NOTEBOOK
+from conftest import COMPANION, NOTEBOOK
 
 
 @pytest.fixture(scope="module")
 def nb():
-    """The notebook's definitions: VAE, loss_terms, vae_loss, train_one_epoch, evaluate, ..."""
-    return vh.load_notebook_definitions(NOTEBOOK)
+    """The notebooks' definitions: VAE, loss_terms, vae_loss, train_one_epoch, evaluate, importance_weighted_nll..."""
+    return vh.load_notebook_definitions(COMPANION, namespace=vh.load_notebook_definitions(NOTEBOOK))
+
+
+def generators(seed):
+    """The training generators, as a TrainingRun holds them."""
+    return {"shuffle": torch.Generator().manual_seed(seed), "noise": torch.Generator().manual_seed(seed + 1)}
 
 
 @pytest.fixture
@@ -129,14 +135,14 @@ def test_importance_weighted_bound_is_tighter_than_the_elbo(nb, model, images):
 
 def test_training_lowers_the_loss_and_stops_on_a_non_finite_one(nb, model, images):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    first = nb["train_one_epoch"](model, optimizer, images, 4, generator).sum()
+    streams = generators(0)
+    first = nb["train_one_epoch"](model, optimizer, images, 4, streams).sum()
     for _ in range(5):
-        last = nb["train_one_epoch"](model, optimizer, images, 4, generator).sum()
+        last = nb["train_one_epoch"](model, optimizer, images, 4, streams).sum()
     assert last < first
     poisoned = images.clone()
     poisoned[9, 0] = float("nan")  # one bad pixel; which batch it lands in depends on the shuffle
     order = torch.randperm(16, generator=torch.Generator().manual_seed(1))
     bad_batch = int((order == 9).nonzero()) // 4 + 1
     with pytest.raises(FloatingPointError, match=f"epoch 7, batch {bad_batch}\\b"):
-        nb["train_one_epoch"](model, optimizer, poisoned, 4, torch.Generator().manual_seed(1), epoch=7, check_every=2)
+        nb["train_one_epoch"](model, optimizer, poisoned, 4, generators(1), epoch=7, check_every=2)
