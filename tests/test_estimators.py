@@ -1,9 +1,11 @@
-"""Tests of the estimators added for issue 9 (pixel entropy, Burda activity, ELBO surgery, gradient estimators,
-k-NN accuracy, and the importance-weighted bound's dependence on K), exactly as the notebook defines them.
+"""Tests of the estimators (pixel entropy, Burda activity, ELBO surgery, gradient estimators and their bootstrap,
+k-NN accuracy, the importance-weighted bound, the moment-matched bound and its bias), exactly as the notebooks
+define them.
 
-The code under test is loaded from the notebook's cells tagged `definitions`. Each oracle is independent of the
-code it checks: closed-form values, numerical integration on a grid, brute-force loops, numpy, torch.distributions.
-Random quantities are checked with fixed seeds against a few Monte Carlo standard errors.
+The code under test is loaded from the cells tagged `definitions`: the walkthrough's (the model, the loss terms),
+then the companion's (Evaluating_a_trained_VAE.ipynb: the estimators), into one namespace. Each oracle is
+independent of the code it checks: closed-form values, numerical integration on a grid, brute-force loops, numpy,
+torch.distributions. Random quantities are checked with fixed seeds against a few Monte Carlo standard errors.
 """
 
 import math
@@ -17,13 +19,13 @@ from torch import nn
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import vae_helpers as vh
-from conftest import NOTEBOOK
+from conftest import COMPANION, NOTEBOOK
 
 
 @pytest.fixture(scope="module")
 def nb():
-    """The notebook's definitions: pixel_entropy, posterior_mean_variance, elbo_surgery, ..."""
-    return vh.load_notebook_definitions(NOTEBOOK)
+    """The walkthrough's definitions (VAE, gaussian_kl, ...), then the companion's (elbo_surgery, knn_accuracy, ...)."""
+    return vh.load_notebook_definitions(COMPANION, namespace=vh.load_notebook_definitions(NOTEBOOK))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -208,6 +210,23 @@ def test_importance_weighted_estimate_falls_with_k_on_average(nb):
     assert abs(means[1].mean() - negative_elbo.mean()) < 4 * standard_error
 
 
+def test_loss_terms_per_image_match_an_independent_computation(nb):
+    """With the posterior's noise switched off, each image's terms are BCE(decode(mu)) and the closed-form KL."""
+    torch.manual_seed(12)
+    model = nb["VAE"](latent_dim=3)
+    with torch.no_grad():
+        model.enc_log_var.weight.zero_(), model.enc_log_var.bias.fill_(-40.0)  # sigma = e^-20: z = mu
+    images = torch.rand(7, 784) * (torch.rand(7, 784) > 0.3)
+    terms = nb["loss_terms_per_image"](model, images, generator(13), batch_size=3)  # uneven batches
+    with torch.no_grad():
+        mu, log_var = model.encode(images)
+        likelihood = Bernoulli(logits=model.decode_logits(mu), validate_args=False)
+        kl = kl_divergence(Normal(mu.double(), torch.exp(0.5 * log_var.double())), Normal(0.0, 1.0)).sum(1)
+    assert terms.shape == (7, 2)
+    assert terms[:, 0].tolist() == pytest.approx((-likelihood.log_prob(images).sum(1)).tolist(), rel=1e-4)
+    assert terms[:, 1].tolist() == pytest.approx(kl.tolist(), rel=1e-4)
+
+
 # --------------------------------------------------------------------------- encoder_gradient_samples
 
 
@@ -273,6 +292,47 @@ def test_gradient_variance_is_the_trace_of_the_covariance(nb):
     assert nb["gradient_variance"](samples) == pytest.approx(np.trace(covariance))
 
 
+# --------------------------------------------------------------------------- the bootstrap of the variance ratios
+
+
+def test_resampled_total_variance_from_the_gram_matrix_matches_explicit_resamples(nb):
+    torch.manual_seed(14)
+    samples = torch.randn(9, 6, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 4, 5, 6]) + 10.0  # far from 0
+    gram = nb["centred_gram"](samples)
+    assert gram.shape == (9, 9)
+    ones = torch.ones(1, 9, dtype=torch.float64)
+    assert nb["resampled_total_variance"](gram, ones).item() == pytest.approx(np.trace(np.cov(samples.numpy().T)))
+    indices = torch.randint(9, (4, 9))
+    counts = torch.stack([torch.bincount(row, minlength=9) for row in indices]).double()
+    expected = [np.trace(np.cov(samples[row].numpy().T)) for row in indices]  # the resample, written out
+    assert nb["resampled_total_variance"](gram, counts).tolist() == pytest.approx(expected, rel=1e-9)
+
+
+def test_bootstrap_ratio_interval_is_seeded_and_covers_the_true_ratio(nb):
+    """Two Gaussian samples whose total variances differ by a factor 4: the 95% interval should cover 4 about
+    95% of the time (the percentile bootstrap is approximate for R = 50, so the bounds are loose)."""
+    torch.manual_seed(15)
+    covered, repeats = 0, 200
+    for _ in range(repeats):
+        gram_a = nb["centred_gram"](2 * torch.randn(50, 5, dtype=torch.float64))
+        gram_b = nb["centred_gram"](torch.randn(50, 5, dtype=torch.float64))
+        low, high = nb["bootstrap_ratio_interval"](gram_a, gram_b, generator(16), num_resamples=400)
+        covered += low <= 4 <= high
+    assert 0.85 <= covered / repeats <= 0.99
+    state = torch.get_rng_state()
+    first = nb["bootstrap_ratio_interval"](gram_a, gram_b, generator(17), num_resamples=400)
+    assert nb["bootstrap_ratio_interval"](gram_a, gram_b, generator(17), num_resamples=400) == first
+    assert torch.equal(torch.get_rng_state(), state)  # only the generator passed in is used
+    ones = torch.ones(1, 50, dtype=torch.float64)
+    ratio = (nb["resampled_total_variance"](gram_a, ones) / nb["resampled_total_variance"](gram_b, ones)).item()
+    assert first[0] < ratio < first[1]
+
+
+@pytest.mark.parametrize(("value", "text"), [(5548.2, "5,500"), (17.13, "17"), (1.49, "1.5"), (0.0123, "0.012")])
+def test_two_significant_figures(nb, value, text):
+    assert nb["two_significant"](value) == text
+
+
 # --------------------------------------------------------------------------- knn_accuracy
 
 
@@ -316,6 +376,22 @@ def test_knn_accuracy_matches_a_brute_force_vote(nb):
     assert accuracy == correct / 57
 
 
+def test_like_test_images_binarizes_once_with_its_own_seed(nb):
+    torch.manual_seed(18)
+    grey = torch.rand(300, 784) * (torch.rand(300, 784) > 0.3)
+    grey[:, :10] = 1.0
+    assert nb["like_test_images"](grey, binarize=False) is grey  # grey runs: the images as they are
+    state = torch.get_rng_state()
+    binary = nb["like_test_images"](grey, binarize=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(binary, nb["like_test_images"](grey, binarize=True))  # one fixed draw
+    assert not torch.equal(binary, nb["like_test_images"](grey, binarize=True, seed=2))
+    assert set(binary.unique().tolist()) == {0.0, 1.0}
+    assert (binary[grey == 0] == 0).all() and (binary[grey == 1] == 1).all()
+    # each pixel is 1 with probability equal to its grey level: the mean over 235,200 pixels within 4 s.e.
+    assert abs(binary.mean() - grey.mean()) < 4 * math.sqrt(0.25 / grey.numel())
+
+
 # --------------------------------------------------------------------------- the aggregate posterior's moments
 
 
@@ -352,3 +428,68 @@ def test_moment_matched_bound_lies_below_the_mixture_kl(nb, dims):
     marginal_kl, _ = mixture_kls_on_a_grid(mu, log_var, grid, axes)
     bound = nb["gaussian_kl_from_standard_normal"](*nb["aggregate_posterior_moments"](mu, log_var))
     assert 0 < bound < marginal_kl  # strictly below: a mixture of separated bumps is not Gaussian
+
+
+def test_kl_from_the_prior_splits_at_the_moment_matched_gaussian(nb):
+    """KL(q || p) = KL(q || N(m, S)) + KL(N(m, S) || p) for a Gaussian p: so no Gaussian prior gains more than the
+    moment-matched bound. Checked on a 1-D mixture by integration on a grid."""
+    mu, log_var = torch.tensor([[-2.0], [0.5], [1.0]]), torch.log(torch.tensor([[0.3], [1.5], [0.05]]))
+    axis = torch.linspace(-15, 15, 30001, dtype=torch.float64)
+    marginal_kl, _ = mixture_kls_on_a_grid(mu, log_var, axis[:, None], [axis])
+    mean, covariance = nb["aggregate_posterior_moments"](mu, log_var)
+    log_q = torch.logsumexp(Normal(mu.double().T, torch.exp(0.5 * log_var.double().T)).log_prob(axis[:, None]), 1)
+    log_q = log_q - math.log(3)
+    log_gauss = Normal(mean.double(), covariance.double().sqrt()[0]).log_prob(axis)
+    kl_to_gaussian = torch.trapezoid(log_q.exp() * (log_q - log_gauss), axis).item()
+    bound = nb["gaussian_kl_from_standard_normal"](mean, covariance)
+    assert kl_to_gaussian + bound == pytest.approx(marginal_kl, abs=1e-5)
+
+
+def test_moment_matched_kl_bias_for_gaussian_codes(nb):
+    """Codes mu ~ N(0, I) with ~zero posterior variance: the true KL(q(z) || p(z)) is 0, so the plug-in's mean is its
+    bias. Oracle: the exact Wishart expectation, E[log det S_hat] = sum_i digamma((N - i) / 2) + J log(2 / N), and
+    E[tr S_hat] + E[|m_hat|^2] = J, so E[plug-in] = -(1/2)(sum_i digamma((N - i) / 2) + J log(2 / N))."""
+    latent_dim, n = 4, 200
+    digammas = torch.special.digamma(torch.tensor([(n - i) / 2 for i in range(1, latent_dim + 1)], dtype=torch.float64))
+    exact = -0.5 * (digammas.sum().item() + latent_dim * math.log(2 / n))
+    assert exact == pytest.approx(latent_dim * (latent_dim + 3) / (4 * n), rel=0.05)  # the notebook's J(J+3)/(4N)
+    g = generator(19)
+    log_var = torch.full((n, latent_dim), math.log(1e-8))
+    plug_ins, biases = [], []
+    for repeat in range(300):
+        mu = torch.randn(n, latent_dim, generator=g, dtype=torch.float64)
+        plug_ins.append(nb["gaussian_kl_from_standard_normal"](*nb["aggregate_posterior_moments"](mu, log_var)))
+        if repeat < 40:
+            biases.append(nb["moment_matched_kl_bias"](mu, log_var, 100, g))
+    plug_ins, biases = torch.tensor(plug_ins), torch.tensor(biases)
+    assert abs(plug_ins.mean() - exact) < 4 * plug_ins.std() / math.sqrt(len(plug_ins))
+    assert biases.mean().item() == pytest.approx(exact, rel=0.25)  # the bootstrap recovers the bias, roughly
+
+
+# --------------------------------------------------------------------------- reading the sweep's results
+
+
+def test_read_sweep_skips_a_missing_file_with_a_note_and_reads_the_evaluation(nb, tmp_path, capsys):
+    (tmp_path / "beta-1.json").write_text('{"final_test_recon": 80.0, "final_test_kl": 20.5, "active_units": 11}')
+    (tmp_path / "beta-1.evaluation.json").write_text('{"active_units": 12, "knn_accuracy": {"latent": 0.96}}')
+    (tmp_path / "beta-2.json").write_text('{"final_test_recon": 90.0, "final_test_kl": 13.0}')
+    runs = nb["read_sweep"](tmp_path, ["beta-1", "beta-2", "fashion"])
+    assert list(runs) == ["beta-1", "beta-2"]
+    assert "fashion.json is missing" in capsys.readouterr().out
+    assert nb["negative_elbo"](runs["beta-1"]) == 100.5
+    assert nb["sweep_value"](runs["beta-1"], "active_units") == 12  # the evaluation's number first
+    assert nb["sweep_value"](runs["beta-1"], "knn_accuracy", "latent") == 0.96
+    assert nb["sweep_value"](runs["beta-2"], "knn_accuracy", "latent") is None
+
+
+def test_sweep_value_looks_in_nested_results_and_gives_none_when_absent(nb):
+    run = {"final_test_recon": 80.0, "evaluation": {"importance_weighted": {"nll": 94.9}}}
+    assert nb["sweep_value"](run, "importance_weighted", "nll") == 94.9
+    assert nb["sweep_value"](run, "final_test_recon") == 80.0
+    assert nb["sweep_value"](run, "knn_accuracy", "latent") is None
+    assert nb["negative_elbo"](run) is None  # no final_test_kl
+    assert nb["show"](None, "6.1f") == nb["show"](None, "6d") == "     –"  # a dash, as wide as a number
+    assert nb["show"](3.14159, "6.2f") == "  3.14"
+    assert nb["difference"](5.0, 2.0) == 3.0 and nb["difference"](None, 2.0) is None
+    assert nb["computed"](lambda r: r["entropy_floor"] / r["final_test_recon"], run) is None  # KeyError
+    assert nb["computed"](lambda r: nb["negative_elbo"](r) - 1.0, run) is None  # TypeError: None - 1.0
