@@ -13,7 +13,7 @@ MAX_TEST_LOSS ?= 101.5
 EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 	--ExecutePreprocessor.record_timing=False
 
-# uv installs the lock files: a fresh setup took 7-27 s on the CI machine where pip took 75-78 s (README). It is
+# uv installs the lock files: a fresh setup took 7-27 s on the CI machine where pip took 75-78 s (CONTRIBUTING.md). It is
 # pinned, and itself installed by pip, hash-checked, from requirements-uv.lock: a fresh machine needs only Python
 # and make.
 UV_VERSION := 0.13.9
