@@ -13,7 +13,7 @@ from conftest import NOTEBOOK, REPO, data_root
 DEFAULTS = {
     "EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234, "DATA_DIR": "data",
     "OUT_DIR": ".", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist", "BETA": 1.0, "BINARIZE": False,
-    "IW_SAMPLES": 1000, "IW_TEST_IMAGES": 1000, "RESUME": False,
+    "RESUME": False,
 }
 
 
