@@ -642,8 +642,9 @@ def summary_markdown(result, configurations, defaults, common):
     others = sorted(DATASET_NAMES.get(d, str(d)) for d in datasets if d != defaults.get("DATASET"))
     if others:
         lines += ["", f"{' and '.join(others)} rows are trained and measured on another data set than "
-                  f"{default_data}: their numbers compare with no {default_data} row (the losses mostly measure "
-                  f"how grey the images are: see entropy_floor in each run's JSON), and {FIGURE} leaves them out."]
+                  f"{default_data}: their numbers compare with no {default_data} row (much of each loss is the images' "
+                  f"entropy floor, entropy_floor in each run's JSON, and even the rest weighs errors by how grey the "
+                  f"pixels are), and {FIGURE} leaves them out."]
     if result.failed:
         lines += ["", "Failed, so not in the table:", ""]
         lines += [f"- {name}: {error}" for name, error in result.failed.items()]
