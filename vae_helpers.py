@@ -447,7 +447,8 @@ def read_checkpoint(path, fix):
 
 
 def _settings_changed(old, new, names):
-    return "; ".join(f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in names if old.get(name) != new.get(name))
+    """'NAME: old -> new; ...' for the names whose values differ ('' if none)."""
+    return "; ".join(f"{n}: {old.get(n)!r} -> {new.get(n)!r}" for n in names if old.get(n) != new.get(n))
 
 
 def _check_cells(config, model, splits):
