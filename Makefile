@@ -32,7 +32,7 @@ CHECK_LOCK := $(PYTHON) tests/test_lock.py
 COMPILE := $(UV) pip compile --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" \
 	--quiet $(LOCK_FLAGS)
 
-.PHONY: setup dev lock data run reproduce test lint bench sweep clean
+.PHONY: setup dev lock data run reproduce test test-full lint bench sweep clean
 
 setup: $(VENV)/.installed  ## create .venv with exactly requirements.lock (hash-checked)
 
@@ -66,7 +66,7 @@ lock: $(VENV)/.uv  ## regenerate requirements*.lock from requirements*.txt and U
 	$(CHECK_LOCK)
 
 data: setup  ## make sure the data set is in $(DATA_DIR), verified (downloads through torchvision if absent)
-	$(BIN)/python vae_helpers.py fetch $(DATA_DIR) $(DATASET)
+	$(BIN)/python tools/make_commands.py fetch $(DATA_DIR) $(DATASET)
 
 run: data  ## the main job: execute the walkthrough, then the companion, in place at their defaults; writes every figure here
 	$(EXECUTE) --inplace $(NOTEBOOK)
@@ -76,15 +76,18 @@ reproduce: data  ## run both notebooks headless at the defaults into $(REPRODUCE
 	rm -rf $(REPRODUCE_DIR) && mkdir -p $(REPRODUCE_DIR)
 	VAE_OUT_DIR=$(REPRODUCE_DIR) $(EXECUTE) --output-dir $(REPRODUCE_DIR) $(NOTEBOOK)
 	VAE_OUT_DIR=$(REPRODUCE_DIR) $(EXECUTE) --output-dir $(REPRODUCE_DIR) $(COMPANION)
-	$(BIN)/python vae_helpers.py check-run $(REPRODUCE_DIR) $(MAX_TEST_LOSS)
+	$(BIN)/python tools/make_commands.py check-run $(REPRODUCE_DIR) $(MAX_TEST_LOSS)
 
-test: data  ## the test suite: helpers, model and loss, and the notebook under nbval (a few minutes)
+test: data  ## the fast tier (a few minutes): unit tests, estimator oracles, the committed notebooks, nbval on both
 	$(BIN)/python -m pytest
+
+test-full: data  ## the slow tier (several minutes): real kernels, a browser, the sweep, one end-to-end papermill run
+	$(BIN)/python -m pytest -m slow
 
 lint: dev  ## ruff and nbstripout through pre-commit, on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
-bench: data  ## time one epoch three ways, then alone and beside a second job on the cores; print the ratios
+bench: data  ## every epoch with and without configure_torch against the matmul floor; then beside a second job
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_shared_cores.py
 

@@ -4,19 +4,19 @@ Each guarantee the notebooks make is one mechanism here, and nothing runs at imp
   settings      read_config: the parameters cell's constants, overridden by VAE_* variables, each checked
   torch setup   configure_torch: deterministic kernels, the same bits at any thread count, no slow-down from
                 subnormal numbers, and fewer threads while other programs keep the cores busy (FairThreads)
-  data          load_splits: MNIST or Fashion-MNIST, SHA-256 verified, as tensors; unpack_fashion
+  data          load_splits: MNIST or Fashion-MNIST, SHA-256 verified, as tensors
   files         write_bytes_atomically and the savers built on it: a failed write never replaces a good file
   checkpoints   resume / save_checkpoint: the checkpoint is the truth; the training cell always continues from
                 the last completed epoch in it (after an interrupt, an error or a restart with RESUME alike)
   cell order    require_trained, NotebookOrderError: a cell run out of order names the cell to run
-  tools         load_trained_checkpoint, load_notebook_definitions, check_run, the command line
+  companion     load_trained_checkpoint, load_notebook_definitions (the walkthrough's definitions)
 """
 
 import ast
 import contextlib
+import ctypes
 import dataclasses
 import errno
-import gzip
 import hashlib
 import io
 import json
@@ -25,9 +25,9 @@ import os
 import platform
 import secrets
 import shutil
-import sys
 import time
 import types
+import warnings
 import weakref
 from pathlib import Path
 
@@ -179,6 +179,17 @@ class FairThreads:
 
 
 _fair_threads_hook = None
+MKL_CBWR_AUTO_STRICT = 0x10002  # what mkl_cbwr_get reports for MKL_CBWR=AUTO,STRICT
+
+
+def mkl_cbwr_mode():
+    """MKL's reproducibility mode (mkl_cbwr_get), fixing it by MKL's first call; None if torch has no MKL."""
+    try:
+        mode = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    torch.ones(2, 2) @ torch.ones(2, 2)  # MKL reads MKL_CBWR at its first call
+    return mode(-1)
 
 
 def configure_torch(fair_threads=True):
@@ -187,8 +198,12 @@ def configure_torch(fair_threads=True):
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this
     torch.use_deterministic_algorithms(True)
     # MKL's conditional numerical reproducibility: its matrix products give the same bits at any thread count. MKL
-    # reads this when it first computes, so it must be set before the first matrix product (check_thread_invariance).
+    # reads this when it first computes, so it must be set before the first matrix product (checked below).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    if mkl_cbwr_mode() not in (None, MKL_CBWR_AUTO_STRICT):  # None: torch without MKL; then nothing to promise
+        warnings.warn("MKL started before configure_torch (a matrix product ran first), without MKL_CBWR=AUTO,STRICT: "
+                      "results may change with the thread count. Restart the kernel; run the setup cell first.",
+                      stacklevel=2)
     # A decoder that is sure a pixel is black gives it a probability of about e^-90, a subnormal float, and
     # arithmetic on subnormals is many times slower on x86: epochs slow down as training goes on. Flushing them to
     # zero keeps every epoch as fast as the first (benchmarks/bench_train.py).
@@ -250,7 +265,6 @@ FASHION_MNIST_FILES = {
 }
 # DATASET -> (torchvision class and folder name, expected files)
 DATASETS = {"mnist": ("MNIST", MNIST_FILES), "fashion": ("FashionMNIST", FASHION_MNIST_FILES)}
-DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist: the files, gzipped
 
 
 class DataError(RuntimeError):
@@ -266,30 +280,10 @@ class Split:
     settings: dict = dataclasses.field(default_factory=dict)  # the DATA_SETTINGS it was loaded with
 
 
-def sha256_of(path):
-    """The SHA-256 hex digest of a file."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def missing_files(data_dir, dataset):
     """The files of `dataset` that are not in DATA_DIR/<Name>/raw."""
     folder, files = DATASETS[dataset]
     return [name for name in files if not (Path(data_dir) / folder / "raw" / name).is_file()]
-
-
-def unpack_fashion(data_dir, debian_dir=DEBIAN_FASHION):
-    """Unzip Debian's Fashion-MNIST files into DATA_DIR/FashionMNIST/raw (torchvision's layout), if missing."""
-    raw = Path(data_dir) / "FashionMNIST" / "raw"
-    for name in missing_files(data_dir, "fashion"):
-        source = Path(debian_dir) / f"{name}.gz"
-        if not source.is_file():
-            raise DataError(f"Fashion-MNIST is not in {raw}, and {source} does not exist. Install Debian's package "
-                            "(apt-get install dataset-fashion-mnist), or copy the four files into that folder.")
-        raw.mkdir(parents=True, exist_ok=True)
-        with gzip.open(source) as handle:
-            write_bytes_atomically(handle.read(), raw / name)
-    return raw
 
 
 def load_dataset(data_dir, dataset, device, allow_download=True):
@@ -309,8 +303,9 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
             raise DataError(f"{folder} is not in {raw} and {problem}. Copy its four files there ({', '.join(files)}; "
                             "uncompressed), or set DATA_DIR (VAE_DATA_DIR) to the folder that holds <Name>/raw/.")
     for name, (size, sha256) in files.items():
-        path = raw / name
-        if path.stat().st_size != size or sha256_of(path) != sha256:
+        with open(raw / name, "rb") as handle:
+            path, digest = raw / name, hashlib.file_digest(handle, "sha256").hexdigest()
+        if path.stat().st_size != size or digest != sha256:
             raise DataError(f"{path} is not the published file (size or SHA-256 differs: truncated or altered). "
                             f"Training did not start. Delete it and run again to download it, or point DATA_DIR at "
                             f"a verified copy. Expected {size:,} bytes, SHA-256 {sha256}.")
@@ -462,7 +457,9 @@ def _check_cells(config, model, splits):
     run = _runs.get(model)
     changed = run and _settings_changed(run["config"], wanted, RUN_SETTINGS)
     if changed:
-        raise NotebookOrderError(f"Settings changed after this model started training ({changed}). Run {MODEL_CELL} "
+        data_changed = _settings_changed(run["config"], wanted, DATA_SETTINGS)  # the data must be reloaded first
+        cell = DATA_CELL if data_changed else MODEL_CELL
+        raise NotebookOrderError(f"Settings changed after this model started training ({changed}). Run {cell} "
                                  "and the cells after it, in order, to train with them.")
 
 
@@ -578,41 +575,3 @@ def load_notebook_definitions(notebook_path, tag="definitions", namespace=None):
             imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
             exec(compile(ast.Module(body=imports, type_ignores=[]), str(notebook_path), "exec"), namespace)
     return namespace
-
-
-def check_run(out_dir, max_test_loss):
-    """SystemExit with the reason unless `out_dir` holds a finished, evaluated run within the test-loss bound."""
-    out = Path(out_dir)
-    try:
-        metrics = json.loads((out / "metrics.json").read_text())
-        iw = json.loads((out / "evaluation.json").read_text())["importance_weighted"]
-        loss, nll, k = metrics["final_test_loss"], iw["nll"], iw["K"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"FAILED: {out} lacks a finished, evaluated run ({type(err).__name__}: {err})") from None
-    if not (out / "samples.png").is_file():
-        raise SystemExit(f"FAILED: {out} lacks samples.png")
-    if not loss <= max_test_loss:
-        raise SystemExit(f"FAILED: final test loss {loss:.3f} is above the bound {max_test_loss}")
-    print(f"OK: final test loss {loss:.3f} <= {max_test_loss}; importance-weighted bound -L_K {nll:.3f} (K = {k:,}); "
-          f"samples.png, metrics.json and evaluation.json in {out}")
-    return metrics
-
-
-def main(argv):
-    """Usage: vae_helpers.py fetch DATA_DIR DATASET | check-run OUT_DIR MAX_TEST_LOSS"""
-    if len(argv) == 3 and argv[0] == "fetch":
-        if argv[2] == "fashion" and missing_files(argv[1], "fashion") and DEBIAN_FASHION.is_dir():
-            unpack_fashion(argv[1])
-        train, test, _ = load_dataset(argv[1], argv[2], torch.device("cpu"))
-        print(f"{argv[2]} in {argv[1]}: {len(train.images):,} + {len(test.images):,} images, checksums verified")
-    elif len(argv) == 3 and argv[0] == "check-run":
-        check_run(argv[1], float(argv[2]))
-    else:
-        raise SystemExit(main.__doc__)
-
-
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (DataError, ConfigError) as err:
-        raise SystemExit(f"error: {err}") from None

@@ -1,9 +1,9 @@
 """Benchmark: one epoch of the walkthrough's training loop alone and with a second job on the same cores, with
-torch's default threads and with vh.FairThreads (the walkthrough's choice), side by side in one run.
+torch's default threads and with vh.FairThreads (what vh.configure_torch starts), side by side in one run.
 
 PyTorch's OpenMP threads spin while they wait for each other. With a second busy job on the cores, a spinning
 thread takes turns from the one it waits for. FairThreads lowers the thread count while other processes keep
-cores busy (it does not change the arithmetic: tests/test_training_state.py).
+cores busy; with MKL_CBWR that configure_torch sets, that changes no bit (tests/test_training_state.py).
 
 Targets on a 2-core CPU: FairThreads alone within noise of the default alone; with a second job, within 1.3x of a
 fair share of the cores (twice the default's time alone).
@@ -39,14 +39,13 @@ def worker(policy, images, epochs, data_dir, forever):
     data = train.images[:images]
     torch.manual_seed(0)
     model = nb["VAE"]()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    generators = {"shuffle": torch.Generator().manual_seed(0), "noise": torch.Generator().manual_seed(1)}
-    cores = vh.FairThreads() if policy == "fair" else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    vh.configure_torch(fair_threads=policy == "fair")
     epoch = 0
     while forever or epoch < epochs:
         epoch += 1
         started = time.perf_counter()
-        nb["train_one_epoch"](model, optimizer, data, 128, generators, epoch=epoch, cores=cores)
+        nb["train_one_epoch"](model, optimizer, data, 128)
         print(f"{time.perf_counter() - started:.3f}", flush=True)
 
 

@@ -265,8 +265,7 @@ def test_both_gradient_estimators_are_unbiased_and_reparameterization_has_lower_
         assert (abs(samples.mean(dim=0) - exact) <= 4.5 * standard_error + 1e-6).all(), estimator
         along = samples @ direction  # the component along the true gradient: a sharp test of scale and sign
         assert abs(along.mean() - exact.norm()) < 4 * along.std() / math.sqrt(repeats), estimator
-        variances[estimator] = nb["gradient_variance"](samples)
-        assert variances[estimator] == pytest.approx(samples.double().var(dim=0).sum().item(), rel=1e-4)
+        variances[estimator] = samples.double().var(dim=0).sum().item()  # the trace of the covariance
     assert variances["reparameterization"] < variances["score_function_baseline"] < variances["score_function"]
 
 
@@ -283,13 +282,6 @@ def test_gradient_samples_cover_the_encoder_only_and_use_the_generator_only(nb):
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="estimator"):
         nb["encoder_gradient_samples"](model, x, "reinforce", 1, generator(8))
-
-
-def test_gradient_variance_is_the_trace_of_the_covariance(nb):
-    samples = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, -2.0], [2.0, 5.0, 0.0]])
-    assert nb["gradient_variance"](samples) == pytest.approx(1.0 + 0.0 + 4.0)  # unbiased: divides by R - 1
-    covariance = np.cov(samples.numpy(), rowvar=False)
-    assert nb["gradient_variance"](samples) == pytest.approx(np.trace(covariance))
 
 
 # --------------------------------------------------------------------------- the bootstrap of the variance ratios
@@ -415,24 +407,9 @@ def test_aggregate_moments_match_samples_of_the_mixture(nb):
     assert torch.allclose(covariance, torch.cov(z.T), atol=0.03)
 
 
-@pytest.mark.parametrize("dims", [1, 2])
-def test_moment_matched_bound_lies_below_the_mixture_kl(nb, dims):
-    if dims == 1:  # the same mixtures as the ELBO-surgery oracle test, where the grid gives KL(q || p) exactly
-        mu, log_var = torch.tensor([[-2.0], [0.5], [1.0]]), torch.log(torch.tensor([[0.3], [1.5], [0.05]]))
-        axis = torch.linspace(-15, 15, 30001, dtype=torch.float64)
-        grid, axes = axis[:, None], [axis]
-    else:
-        mu, log_var = torch.tensor([[-1.0, 0.5], [1.5, 0.0]]), torch.log(torch.tensor([[0.4, 1.2], [0.8, 0.2]]))
-        axis = torch.linspace(-9, 9, 721, dtype=torch.float64)
-        grid, axes = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1), [axis, axis]
-    marginal_kl, _ = mixture_kls_on_a_grid(mu, log_var, grid, axes)
-    bound = nb["gaussian_kl_from_standard_normal"](*nb["aggregate_posterior_moments"](mu, log_var))
-    assert 0 < bound < marginal_kl  # strictly below: a mixture of separated bumps is not Gaussian
-
-
 def test_kl_from_the_prior_splits_at_the_moment_matched_gaussian(nb):
-    """KL(q || p) = KL(q || N(m, S)) + KL(N(m, S) || p) for a Gaussian p: so no Gaussian prior gains more than the
-    moment-matched bound. Checked on a 1-D mixture by integration on a grid."""
+    """KL(q || p) = KL(q || N(m, S)) + KL(N(m, S) || p) for a Gaussian p: so the moment-matched bound lies below
+    KL(q || p), and no Gaussian prior gains more. Checked on a 1-D mixture by integration on a grid."""
     mu, log_var = torch.tensor([[-2.0], [0.5], [1.0]]), torch.log(torch.tensor([[0.3], [1.5], [0.05]]))
     axis = torch.linspace(-15, 15, 30001, dtype=torch.float64)
     marginal_kl, _ = mixture_kls_on_a_grid(mu, log_var, axis[:, None], [axis])
@@ -443,6 +420,7 @@ def test_kl_from_the_prior_splits_at_the_moment_matched_gaussian(nb):
     kl_to_gaussian = torch.trapezoid(log_q.exp() * (log_q - log_gauss), axis).item()
     bound = nb["gaussian_kl_from_standard_normal"](mean, covariance)
     assert kl_to_gaussian + bound == pytest.approx(marginal_kl, abs=1e-5)
+    assert 0 < bound < marginal_kl  # strictly below: a mixture of separated bumps is not Gaussian
 
 
 def test_moment_matched_kl_bias_for_gaussian_codes(nb):

@@ -1,9 +1,12 @@
-"""The walkthrough driven the way people use Jupyter: a real kernel (jupyter_client), cells run one at a time,
-interrupted mid-epoch, run again, and run out of order. Each case must give exactly the result of the in-order
-run, or stop with one line naming the cell to run.
+"""The walkthrough driven the way people use Jupyter: a real kernel (jupyter_client) running its cells one at a
+time, interrupted mid-epoch, run again, run out of order, killed. Only what a kernel shows is tested here (the
+refusals of bad settings and bad checkpoints are unit tests): each case must end in exactly the state of the
+in-order run, or stop with one line naming the cell to run.
 
-Settings are injected as code after the parameters cell, as papermill does (not as VAE_* variables, which would
-override a changed value in the kernel), in a quick configuration: 3 epochs on 4,000 images.
+One kernel plays the cases in sequence, each leaving it as the in-order run left it; the last kills it mid-epoch,
+and a second kernel, in a folder that at first holds the notebook alone, resumes that run. Settings are injected
+as code after the parameters cell, as papermill does (not as VAE_* variables, which would override a changed
+value), in a quick configuration: 3 epochs on 4,000 images.
 """
 
 import json
@@ -17,65 +20,67 @@ from jupyter_client.manager import start_new_kernel
 
 from conftest import NOTEBOOK, REPO, data_root
 
-pytestmark = pytest.mark.notebook
+pytestmark = [pytest.mark.slow, pytest.mark.notebook]
 
 QUICK = {"EPOCHS": 3, "TRAIN_SUBSET": 4000}
-# A unique piece of each cell's source, in notebook order: the cells these tests run by name.
+# A unique piece of the source of each cell run by name.
 CELLS = {
     "parameters": "EPOCHS: int =",
     "settings": "config = vh.read_config(",
-    "setup": "vh.seed_everything(",
-    "data": "vh.load_splits(",
-    "vae": "class VAE(nn.Module)",
-    "model": "model = VAE(config.latent_dim)",
-    "entropy": "def pixel_entropy(",
-    "loss": "def loss_terms(",
-    "train_defs": "def train_one_epoch(",
-    "optimizer": "run = vh.TrainingRun(",
-    "training": "run.epochs_to_train(",
+    "model": "model = VAE(config.LATENT_DIM)",
+    "optimizer": "optimizer = torch.optim.Adam(",
+    "training": "history = vh.resume(",
     "samples": "vh.save_image_grid(samples,",
 }
-IN_ORDER = ["parameters", "overrides", "settings", "setup", "data", "vae", "model", "entropy", "loss", "train_defs",
-            "optimizer", "training"]
-# The state a run leaves: its history, the checkpoint's epoch and a digest of the weights, printed as JSON.
+# What a run leaves, as JSON: the kernel's history, weights and random stream, and the checkpoint's contents
+# (without the seconds each epoch took: the only numbers that may differ).
 STATE = """
 import hashlib as _h, json as _j
-_weights = b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())
-print(_j.dumps({"history": run.history, "epochs": run.epochs_done,
-                "checkpoint_epoch": torch.load(out_dir / "vae.pt", weights_only=True)["epoch"],
-                "weights": _h.sha256(_weights).hexdigest()}))
+def _digest(tensors):
+    _d = _h.sha256()
+    for _t in tensors:
+        _d.update(_t.detach().cpu().contiguous().numpy().tobytes())
+    return _d.hexdigest()
+def _losses(epochs):
+    return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in epochs]
+_c = torch.load(out_dir / "vae.pt", weights_only=True)
+print(_j.dumps({
+    "history": _losses(history), "weights": _digest(model.parameters()), "rng": _digest([torch.get_rng_state()]),
+    "checkpoint": {"history": _losses(_c["history"]), "model": _digest(_c["model"].values()),
+                   "optimizer": _digest(t for s in _c["optimizer"]["state"].values() for t in s.values()),
+                   "rng": _digest([_c["rng"]["cpu"]]), "EPOCHS": _c["config"]["EPOCHS"]}}))
 """
 
 
-def cell_sources():
-    """{name: source} for the cells in CELLS, each found by its unique piece of source."""
-    cells = [cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
-    sources = {}
-    for name, piece in CELLS.items():
-        matches = [cell.source for cell in cells if piece in cell.source]
-        assert len(matches) == 1, f"{name}: {len(matches)} cells contain {piece!r}"
-        sources[name] = matches[0]
-    return sources
-
-
 class Session:
-    """A kernel running the walkthrough's cells in the repository's folder, like Jupyter does."""
+    """A kernel running the walkthrough's cells in `folder` (the repository's, by default), like Jupyter does."""
 
     def __init__(self, out_dir, folder=REPO, **settings):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+        env = {name: value for name, value in os.environ.items() if not name.startswith("VAE_")}
         self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(folder), env=env)
-        self.sources = cell_sources()
+        code = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
+        self.sources = {}
+        for name, piece in CELLS.items():
+            matches = [source for source in code if piece in source]
+            assert len(matches) == 1, f"{name}: {len(matches)} cells contain {piece!r}"
+            self.sources[name] = matches[0]
+        # Every cell up to the training cell, in notebook order, with the settings after the parameters cell.
+        self.in_order = code[: code.index(self.sources["training"])]
+        self.out_dir = out_dir
         values = {**QUICK, "OUT_DIR": str(out_dir), "DATA_DIR": str(data_root()), **settings}
         self.sources["overrides"] = "\n".join(f"{name} = {value!r}" for name, value in values.items())
+        self.in_order.insert(code.index(self.sources["parameters"]) + 1, self.sources["overrides"])
 
     def close(self):
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=True)
 
-    def run(self, code, interrupt_at=None):
-        """Execute `code`; returns (printed text, error or None). With `interrupt_at`, interrupt when it shows."""
+    def run(self, code, interrupt_at=None, kill_at=None):
+        """Execute `code`: (printed text, (error name, message) or None). When the text `interrupt_at` has been
+        printed, interrupt the kernel (as the stop button does); when `kill_at` has, kill it (kill -9)."""
+        code = self.sources.get(code, code)
         msg_id = self.client.execute(code)
-        text, error, interrupted = [], None, False
+        text, error = [], None
         while True:
             try:
                 msg = self.client.get_iopub_msg(timeout=120)
@@ -86,149 +91,129 @@ class Session:
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":
                 text.append(content["text"])
-            elif kind in ("display_data", "update_display_data", "execute_result"):
-                shown = content["data"].get("text/plain", "")
-                text.append(shown + "\n")
-                if interrupt_at and not interrupted and interrupt_at in shown:
+                if interrupt_at and interrupt_at in "".join(text):
                     self.manager.interrupt_kernel()
-                    interrupted = True
+                    interrupt_at = None
+                if kill_at and kill_at in "".join(text):
+                    self.manager.shutdown_kernel(now=True)  # SIGKILL: no cleanup, no last save
+                    return "".join(text), None
+            elif kind in ("display_data", "execute_result"):
+                text.append(content["data"].get("text/plain", "") + "\n")
             elif kind == "error":
                 error = (content["ename"], content["evalue"])
             elif kind == "status" and content["execution_state"] == "idle":
                 return "".join(text), error
 
-    def cells(self, *names):
-        """Run the named cells in the order given; fail on the first error."""
-        for name in names:
-            _, error = self.run(self.sources[name])
-            assert error is None, f"cell {name!r}: {error}"
+    def cells(self, *codes):
+        """Run the named cells (or code) in the order given; fail on the first error. The last one's text."""
+        for code in codes:
+            text, error = self.run(code)
+            assert error is None, f"{code[:60]!r}: {error}"
+        return text
+
+    def refused(self, cell, *phrases):
+        """Run `cell`: it must raise a one-line NotebookOrderError that contains every phrase."""
+        text, error = self.run(cell)
+        assert error is not None and error[0] == "NotebookOrderError", (cell, text, error)
+        assert "\n" not in error[1] and all(phrase in error[1] for phrase in phrases), (cell, error[1])
 
     def state(self):
-        """The run's history, epochs, checkpoint epoch and weights digest."""
-        text, error = self.run(STATE)
-        assert error is None, error
-        return json.loads(text)
-
-
-@pytest.fixture
-def session(tmp_path):
-    """Open a Session (more than one may be opened); closes them all at the end."""
-    opened = []
-
-    def open_session(**settings):
-        opened.append(Session(tmp_path / f"out{len(opened)}", **settings))
-        return opened[-1]
-
-    yield open_session
-    for each in opened:
-        each.close()
+        return json.loads(self.cells(STATE))
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """The in-order run of QUICK, never interrupted: what every other case must reproduce."""
-    session = Session(tmp_path_factory.mktemp("straight"))
-    try:
-        session.cells(*IN_ORDER)
-        return session.state()
-    finally:
-        session.close()
+def kernel(tmp_path_factory):
+    session = Session(tmp_path_factory.mktemp("kernel") / "out")
+    yield session
+    session.close()
 
 
-def test_interrupt_mid_epoch_rolls_back_and_running_again_equals_the_straight_run(session, straight_run):
-    s = session()
-    s.cells(*IN_ORDER[:-1])
-    text, error = s.run(s.sources["training"], interrupt_at="epoch 2: batch 20/")
-    assert error is not None and error[0] == "KeyboardInterrupt", (text, error)
-    assert "Stopped in epoch 2" in error[1] and "end of epoch 1" in error[1] and "Run this cell again" in error[1]
-    rolled_back = s.state()
-    assert rolled_back["epochs"] == rolled_back["checkpoint_epoch"] == 1
-    assert rolled_back["history"] == {key: values[:1] for key, values in straight_run["history"].items()}
-    text, error = s.run(s.sources["training"])
-    assert error is None and "epoch  2/3" in text and "epoch  1/3" not in text
-    assert s.state() == straight_run  # every loss, the weights and the checkpoint, to the last bit
+@pytest.fixture(scope="module")
+def straight(kernel):
+    """The in-order run, never interrupted: (its training cell's text, its state), which every case must match."""
+    text = kernel.cells(*kernel.in_order, "training")
+    return text, kernel.state()
 
 
-def test_running_the_training_cell_again_after_it_finished_trains_nothing(session, straight_run):
-    s = session()
-    s.cells(*IN_ORDER)
-    text, error = s.run(s.sources["training"])
-    assert error is None and "nothing to train" in text and "raise EPOCHS" in text and "epoch  1/3" not in text
-    assert s.state() == straight_run
+def test_the_in_order_run_trains_and_saves_every_epoch(straight):
+    text, state = straight
+    assert [f"epoch  {n}/3  train loss" in text for n in (1, 2, 3)] == [True] * 3
+    assert len(state["history"]) == 3 and state["history"] == state["checkpoint"]["history"]
+    assert state["checkpoint"]["EPOCHS"] == 3
 
 
-def test_raising_epochs_continues_and_equals_a_longer_run_from_the_start(session, straight_run):
-    s = session(EPOCHS=2)
-    s.cells(*IN_ORDER)
-    assert s.state()["epochs"] == 2
-    s.run("EPOCHS = 3")
-    s.cells("settings", "setup", "training")
-    assert s.state() == straight_run
+def test_the_training_cell_run_again_trains_nothing(kernel, straight):
+    text = kernel.cells("training")
+    assert "nothing to train" in text and "raise EPOCHS" in text and "train loss" not in text
+    assert kernel.state() == straight[1]
 
 
-def test_model_cell_run_again_after_training_stops_the_training_cell_until_the_optimizer_cell_runs(
-        session, straight_run):
-    s = session()
-    s.cells(*IN_ORDER, "model")
-    text, error = s.run(s.sources["training"])
-    assert error == ("NotebookOrderError", error[1]) and "the cell that creates the optimizer" in error[1]
-    _, error = s.run(s.sources["samples"])  # never evaluates the fresh, untrained model under the old run's name
-    assert error is not None and error[0] == "NotebookOrderError" and "has not been trained" in error[1]
-    s.cells("optimizer", "training")
-    assert s.state() == straight_run  # the new model, trained from the start, exactly as in order
-
-
-def test_optimizer_cell_run_again_after_training_refuses_the_trained_model(session):
-    s = session()
-    s.cells(*IN_ORDER)
-    _, error = s.run(s.sources["optimizer"])
-    assert error is not None and error[0] == "NotebookOrderError"
-    assert "initial weights" in error[1] and "the model cell" in error[1]
+def test_the_optimizer_cell_run_again_changes_nothing_the_checkpoint_is_the_truth(kernel, straight):
+    kernel.cells("optimizer")  # a fresh Adam, without the trained one's moments
+    assert "nothing to train" in kernel.cells("training")
+    assert kernel.state() == straight[1]  # the optimizer's state came back from the checkpoint too
 
 
 @pytest.mark.parametrize(("change", "cell"), [
     ("LATENT_DIM = 8", "the model cell"),
-    ("BETA = 2.0", "the cell that creates the optimizer"),
     ("TRAIN_SUBSET = 3000", "the data cell"),
+    ("BETA = 2.0", "the model cell"),
 ])
-def test_a_changed_setting_stops_training_and_evaluation_naming_the_cell_to_run(session, change, cell):
-    s = session()
-    s.cells(*IN_ORDER)
-    s.run(change)
-    s.cells("settings", "setup")
-    for name in ("training", "samples"):
-        _, error = s.run(s.sources[name])
-        assert error is not None and error[0] == "NotebookOrderError", (name, error)
-        assert cell in error[1] and change.split(" = ")[0] in error[1] and "\n" not in error[1]
+def test_a_changed_setting_stops_training_and_evaluation_naming_the_setting_and_the_cell(
+        kernel, straight, change, cell):
+    kernel.cells(change, "settings")
+    setting = change.split(" = ")[0]
+    try:
+        for name in ("training", "samples"):
+            kernel.refused(name, setting, cell)
+    finally:
+        kernel.cells("parameters", "overrides", "settings")  # the settings as they were: the trained model is back
+    assert "nothing to train" in kernel.cells("training") and kernel.state() == straight[1]
 
 
-def test_an_evaluation_cell_before_training_names_the_training_cells(session):
-    s = session()
-    s.cells(*IN_ORDER[:-2])  # up to the model: no optimizer, no training
-    _, error = s.run(s.sources["samples"])
-    assert error[0] == "NotebookOrderError" and "section 6" in error[1]
-    s.cells("optimizer")
-    _, error = s.run(s.sources["samples"])
-    assert error[0] == "NotebookOrderError" and "0 of EPOCHS = 3" in error[1] and "the training cell" in error[1]
+def test_raising_epochs_continues_and_equals_the_longer_run(kernel, straight):
+    kernel.cells("EPOCHS = 2", "settings", "model", "optimizer")
+    assert "epoch  2/2" in kernel.cells("training") and kernel.state()["checkpoint"]["EPOCHS"] == 2
+    text = kernel.cells("EPOCHS = 3", "settings", "training")
+    assert "epoch  3/3" in text and "epoch  2/" not in text
+    assert kernel.state() == straight[1]
 
 
-def test_the_notebook_alone_without_vae_helpers_says_what_is_missing(tmp_path):
+def test_the_model_cell_run_again_needs_the_optimizer_cell_then_trains_afresh(kernel, straight):
+    kernel.cells("model")
+    kernel.refused("training", "the optimizer cell")
+    kernel.refused("samples", "has not been trained")  # never evaluates the fresh model under the old run's name
+    kernel.cells("optimizer", "training")
+    assert kernel.state() == straight[1]
+
+
+def test_an_interrupt_mid_epoch_2_then_the_training_cell_again_equals_the_straight_run(kernel, straight):
+    kernel.cells("model", "optimizer")
+    text, error = kernel.run("training", interrupt_at="epoch  1/3")  # lands in epoch 2, or just before it
+    assert error is not None and error[0] == "KeyboardInterrupt" and "epoch  3/3" not in text, (text, error)
+    text = kernel.cells("training")
+    assert "epoch  1/3" not in text and "epoch  3/3" in text
+    assert kernel.state() == straight[1]  # every loss, the weights, the optimizer, the random stream, the checkpoint
+
+
+def test_a_killed_kernel_resumes_in_a_new_kernel_with_resume(kernel, straight, tmp_path):
+    """Kill the kernel in epoch 2; then a reader who has the notebook alone gets the helpers and resumes."""
+    kernel.cells("model", "optimizer")
+    kernel.run("training", kill_at="epoch  1/3")
     alone = tmp_path / "uploaded"
     alone.mkdir()
     shutil.copy(NOTEBOOK, alone)
-    s = Session(tmp_path / "out", folder=alone)
+    new = Session(kernel.out_dir, folder=alone, RESUME=True)
     try:
-        s.cells("parameters")
-        _, error = s.run(s.sources["settings"])
+        new.cells("parameters", "overrides")
+        _, error = new.run("settings")
+        assert error is not None and error[0] == "ModuleNotFoundError", error
+        assert "vae_helpers.py is not next to this notebook" in error[1] and "whole project" in error[1]
+        shutil.copy(REPO / "vae_helpers.py", alone)  # the reader fetches the whole project folder
+        new.cells("import importlib; importlib.invalidate_caches()", *new.in_order)
+        new.refused("samples", "has not been trained", "the optimizer cell", "the training cell")  # before training
+        text = new.cells("training")
+        assert "resuming from" in text and "after epoch 1" in text and "epoch  1/3" not in text
+        assert new.state() == straight[1]
     finally:
-        s.close()
-    assert error is not None and error[0] == "ModuleNotFoundError"
-    assert "vae_helpers.py is not next to this notebook" in error[1] and "whole project" in error[1]
-
-
-def test_cells_are_found_in_notebook_order():
-    sources = cell_sources()
-    cells = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
-    order = [cells.index(sources[name]) for name in IN_ORDER if name != "overrides"]
-    assert order == sorted(order)
-
+        new.close()

@@ -1,75 +1,80 @@
-"""papermill as a way to run the notebook: its -p values take effect, bad ones are refused by name, and
-`papermill --help-notebook` sees all thirteen settings of the parameters cell with their defaults.
+"""Whole runs of both notebooks through papermill, the one notebook runner of these tests: what only a whole run
+shows. `papermill --help-notebook` sees every setting of the parameters cells (fast); one end-to-end run of the
+walkthrough and then the companion into a scratch OUT_DIR writes a finished, evaluated run, and a second run of
+the walkthrough with the same parameters gives the same numbers to the last bit (slow tier).
 """
 
 import json
 
+import make_commands
 import papermill as pm
 import pytest
+from PIL import Image
 
-from conftest import NOTEBOOK, REPO, data_root
+import vae_helpers as vh
+from conftest import COMPANION, NOTEBOOK, data_root, execute_notebook
 
-# The parameters cell's defaults, as a reader sees them (and as metrics.json of a default run records them).
+# The parameters cells' defaults, as a reader sees them.
 DEFAULTS = {
-    "EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234, "DATA_DIR": "data",
-    "OUT_DIR": ".", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist", "BETA": 1.0, "BINARIZE": False,
-    "RESUME": False,
+    NOTEBOOK: {"EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234,
+               "DATA_DIR": "data", "OUT_DIR": ".", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist",
+               "BETA": 1.0, "BINARIZE": False, "RESUME": False},
+    COMPANION: {"OUT_DIR": ".", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto", "IW_SAMPLES": 1000,
+                "IW_TEST_IMAGES": 1000},
 }
+QUICK_WALKTHROUGH = {"EPOCHS": 1, "TRAIN_SUBSET": 2000}
+QUICK_COMPANION = {"IW_SAMPLES": 50, "IW_TEST_IMAGES": 100}
+LOOSE_BOUND = 300.0  # nats: one epoch on 2,000 images is far from the defaults' 101.5, but well below this
+# The only entries of metrics.json that identical runs may differ in: times, and OUT_DIR (in "config").
+NOT_RESULTS = ("train_seconds", "config", "history")
 
 
-@pytest.fixture
-def papermill_env(monkeypatch):
-    """No VAE_* settings from the test session (they would override -p); yields (monkeypatch, the data folder)."""
-    import os
-
-    data_dir = data_root()  # read before VAE_DATA_DIR goes: tests pass it with -p, and must never download
-    for name in [name for name in os.environ if name.startswith("VAE_")]:
-        monkeypatch.delenv(name)
-    return monkeypatch, data_dir
-
-
-def execute(output_path, **parameters):
-    """Run the notebook through papermill's Python API in the repository's folder."""
-    return pm.execute_notebook(str(NOTEBOOK), str(output_path), parameters=parameters, cwd=str(REPO),
-                               kernel_name="python3", progress_bar=False)
-
-
-def test_inspect_lists_all_thirteen_settings_with_their_defaults():
-    inferred = pm.inspect_notebook(str(NOTEBOOK))
-    assert list(inferred) == list(DEFAULTS)
-    for name, default in DEFAULTS.items():
+@pytest.mark.parametrize("notebook", DEFAULTS, ids=["walkthrough", "companion"])
+def test_papermill_lists_every_setting_with_its_default_and_help(notebook):
+    inferred = pm.inspect_notebook(str(notebook))
+    assert list(inferred) == list(DEFAULTS[notebook]) and set(inferred) <= set(vh.SETTINGS)
+    for name, default in DEFAULTS[notebook].items():
         assert eval(inferred[name]["default"]) == default, name  # papermill reports the literal as written
         assert inferred[name]["help"], f"{name} has no comment for --help-notebook"
 
 
-@pytest.mark.notebook
-def test_papermill_parameters_take_effect_and_environment_variables_win(papermill_env, tmp_path):
-    monkeypatch, data_dir = papermill_env
-    out_dir = tmp_path / "papermill out"
-    monkeypatch.setenv("VAE_TRAIN_SUBSET", "1500")  # beats the -p value below
-    execute(tmp_path / "executed.ipynb", EPOCHS=1, TRAIN_SUBSET=1000, BETA=0.5, OUT_DIR=str(out_dir),
-            DATA_DIR=str(data_dir))
+def results_of(out_dir):
+    """metrics.json without what identical runs may differ in, and its history without the seconds."""
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["config"]["EPOCHS"] == 1 and metrics["config"]["BETA"] == 0.5
-    assert metrics["config"]["OUT_DIR"] == str(out_dir)
-    assert metrics["config"]["TRAIN_SUBSET"] == 1500  # VAE_TRAIN_SUBSET > -p TRAIN_SUBSET
-    assert (out_dir / "samples.png").is_file() and not (REPO / "papermill out").exists()
+    history = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in metrics["history"]]
+    return {key: value for key, value in metrics.items() if key not in NOT_RESULTS} | {"history": history}
 
 
+@pytest.mark.slow
 @pytest.mark.notebook
-@pytest.mark.parametrize(
-    ("name", "value", "accepts"),
-    [("EPOCHS", 0, "a whole number >= 1"), ("EPOCHS", "abc", "a whole number >= 1"),
-     ("DEVICE", "tpu", "auto, cpu, cuda, cuda:N or mps")],
-)
-def test_bad_papermill_value_stops_in_the_settings_cell(papermill_env, tmp_path, name, value, accepts):
-    out_dir = tmp_path / "out"
-    with pytest.raises(pm.PapermillExecutionError) as error:
-        execute(tmp_path / "executed.ipynb", OUT_DIR=str(out_dir), **{name: value})
-    assert error.value.ename == "ConfigError"
-    assert f"parameter {name}={value!r}" in error.value.evalue and accepts in error.value.evalue
-    executed = json.loads((tmp_path / "executed.ipynb").read_text())
-    failed = [cell for cell in executed["cells"] if cell["cell_type"] == "code"
-              and any(output["output_type"] == "error" for output in cell["outputs"])]
-    assert len(failed) == 1 and "read_config(" in "".join(failed[0]["source"])  # the settings cell, no later one
-    assert not out_dir.exists()  # nothing was created or written
+def test_walkthrough_then_companion_end_to_end_and_a_second_run_is_identical(tmp_path):
+    data = {"DATA_DIR": str(data_root())}
+    runs = []
+    for name in ("first", "second"):
+        out_dir = tmp_path / f"{name} out"  # a space in the path, as on many laptops
+        executed = execute_notebook(NOTEBOOK, tmp_path / f"{name}.ipynb", OUT_DIR=str(out_dir), **QUICK_WALKTHROUGH,
+                                    **data)
+        runs.append(out_dir)
+    first, second = runs
+    assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in executed.cells)
+    execute_notebook(COMPANION, tmp_path / "companion.ipynb", OUT_DIR=str(first), **QUICK_COMPANION, **data)
+
+    metrics = make_commands.check_run(first, LOOSE_BOUND)  # metrics.json, evaluation.json, samples.png; the bound
+    assert metrics["config"] == {**DEFAULTS[NOTEBOOK], **QUICK_WALKTHROUGH, **data, "OUT_DIR": str(first)}
+    assert len(metrics["history"]) == 1
+    with Image.open(first / "samples.png") as samples:
+        assert samples.size == (242, 242)  # 8 x 8 digits of 28 pixels with 2-pixel gaps
+    assert results_of(second) == results_of(first)  # every loss, to the last bit
+    assert (second / "samples.png").read_bytes() == (first / "samples.png").read_bytes()
+    assert not list(first.glob(".*.tmp"))
+
+    evaluation = json.loads((first / "evaluation.json").read_text())
+    state = vh.load_trained_checkpoint(first / "vae.pt", "mnist")
+    assert evaluation["checkpoint_config"] == state["config"] and evaluation["config"]["OUT_DIR"] == str(first)
+    iw = evaluation["importance_weighted"]
+    assert (iw["K"], iw["test_images"], iw["by_K"]["K"]) == (50, 100, [1, 10, 50])
+    assert iw["nll"] < iw["elbo_loss_same_images"] + 4 * iw["standard_error"]  # -L_K is below the negative ELBO
+    assert len(evaluation["kl_per_dimension"]) == state["config"]["LATENT_DIM"]
+    assert evaluation["elbo_surgery"]["average_kl"] == pytest.approx(metrics["final_test_kl"], rel=1e-4)
+    assert evaluation["entropy_floor"] == pytest.approx(metrics["entropy_floor"])
+    assert 0 < metrics["entropy_floor"] < metrics["final_test_recon"]

@@ -1,15 +1,31 @@
-"""The training state behind the walkthrough's re-runnable training cell (vh.TrainingRun) and the thread policy
-(vh.FairThreads), tested without a kernel: rollback, order checks, and that the thread count changes no number.
+"""The training cell's state, tested without a kernel: vh.resume / vh.save_checkpoint (the checkpoint is the truth),
+the cell-order checks, load_trained_checkpoint, and that the thread count changes no bit (issue 16).
+
+The cells are re-enacted here in the walkthrough's pattern, with the notebook's own VAE (its layers swapped for tiny
+ones: the same forward code), train_one_epoch and evaluate, on 256 random 16-pixel images: a run is a blink.
 """
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import vae_helpers as vh
-from conftest import NOTEBOOK
+from conftest import NOTEBOOK, REPO
 
-CONFIG = vh.Config(epochs=2, batch_size=64, latent_dim=4, learning_rate=1e-3, seed=7, data_dir="data", out_dir=".",
-                   train_subset=0, device="cpu", dataset="mnist", beta=1.0, binarize=False, resume=False)
+CONFIG = vh.read_config(dict(EPOCHS=3, BATCH_SIZE=64, LATENT_DIM=2, LEARNING_RATE=1e-3, SEED=7, DATA_DIR="data",
+                             OUT_DIR=".", TRAIN_SUBSET=0, DEVICE="cpu", DATASET="mnist", BETA=1.0, BINARIZE=False,
+                             RESUME=False), {})
+PIXELS = 16
+
+
+def settings(**changes):
+    return vh.Config(**{**CONFIG.as_dict(), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -17,139 +33,282 @@ def nb():
     return vh.load_notebook_definitions(NOTEBOOK)
 
 
-def images(count=640, seed=0):
-    """Grey-level stand-in images in [0, 1] (no data set needed)."""
-    return torch.rand(count, 784, generator=torch.Generator().manual_seed(seed))
+def data_cell(config=CONFIG):
+    """Stand-in Splits (256 + 64 random images) carrying the data settings, as vh.load_splits returns them."""
+    generator = torch.Generator().manual_seed(0)
+    loaded = {name: config.as_dict()[name] for name in vh.DATA_SETTINGS}
+    return (vh.Split(torch.rand(count, PIXELS, generator=generator), torch.zeros(count, dtype=torch.long), loaded)
+            for count in (256, 64))
 
 
-def new_run(nb, tmp_path, config=CONFIG):
-    """A fresh model built as the model cell builds it, and its TrainingRun."""
-    tmp_path.mkdir(exist_ok=True)
-    torch.manual_seed(config.seed)
-    model = nb["VAE"](config.latent_dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    return vh.TrainingRun(model, optimizer, config, tmp_path / "vae.pt", torch.device("cpu"))
+def model_cell(nb, config=CONFIG):
+    """The model cell (a tiny VAE), then the optimizer cell."""
+    torch.manual_seed(config.SEED)
+    model, hidden, latent = nb["VAE"](config.LATENT_DIM), 8, config.LATENT_DIM
+    for name, sizes in dict(enc1=(PIXELS, hidden), enc2=(hidden, hidden), enc_mu=(hidden, latent),
+                            enc_log_var=(hidden, latent), dec1=(latent, hidden), dec2=(hidden, hidden),
+                            dec3=(hidden, PIXELS)).items():
+        setattr(model, name, torch.nn.Linear(*sizes))
+    return model, torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
 
 
-def train_epochs(nb, run, data, cores=None):
-    """The walkthrough's training cell, without printing."""
-    for epoch in run.epochs_to_train(CONFIG, run.model):
-        with run.epoch(epoch):
-            terms = nb["train_one_epoch"](run.model, run.optimizer, data, 64, run.generators, epoch=epoch,
-                                          cores=cores)
-            run.finish_epoch(terms / len(data), nb["evaluate"](run.model, data, 64) / len(data), 0.0)
+def training_cell(nb, path, model, optimizer, config=CONFIG, interrupt_at_step=None):
+    """The walkthrough's training cell (without timing); KeyboardInterrupt before optimizer step `interrupt_at_step`."""
+    train, test = data_cell(config)
+    steps = 0
 
-
-class SwitchingThreads:
-    """Stands in for vh.FairThreads: alternates between 1 thread and all of them at every check."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def adjust(self):
-        self.calls += 1
-        torch.set_num_threads(1 if self.calls % 2 else self.max_threads)
-
-
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 CPU threads")
-def test_switching_the_thread_count_changes_no_number(nb, tmp_path):
-    threads = torch.get_num_threads()
-    data = images(1920)  # 30 batches: 3 checks an epoch, so the epochs end, and are evaluated, on 1 and on all threads
-    fixed = new_run(nb, tmp_path / "fixed")
-    train_epochs(nb, fixed, data)
-    switching, cores = new_run(nb, tmp_path / "switching"), SwitchingThreads()
-    cores.max_threads = threads
-    try:
-        train_epochs(nb, switching, data, cores)
-    finally:
-        torch.set_num_threads(threads)
-    assert cores.calls == 6
-    assert switching.history == fixed.history  # every loss, train and test, to the last bit
-    assert all(torch.equal(a, b) for a, b in zip(switching.model.parameters(), fixed.model.parameters()))
-
-
-def test_fair_threads_uses_the_cores_others_leave_free(monkeypatch):
-    threads = torch.get_num_threads()
-    fair = vh.FairThreads()
-    fair.cores = fair.max_threads = 2
-    samples = iter([(10.0, 100.0, 50.0), (11.0, 101.9, 50.9), (12.0, 102.1, 51.1), (12.1, 200.0, 51.1)])
-    monkeypatch.setattr(fair, "_sample", lambda: next(samples))
-    fair._last = (9.0, 98.0, 49.0)
-    try:
-        fair.adjust()  # in the last second the machine worked 2.0 CPU-seconds, this process 1.0: one core left
-        assert torch.get_num_threads() == 1
-        fair.adjust()  # 1.9 and 0.9: still one
-        assert torch.get_num_threads() == 1
-        fair.adjust()  # 0.2 and 0.2: the other job stopped
-        assert torch.get_num_threads() == 2
-        fair.adjust()  # 0.1 s later: too soon to look again, whatever the numbers say
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_fair_threads_changes_nothing_without_proc_stat(monkeypatch):
-    monkeypatch.setattr(vh.FairThreads, "_sample", staticmethod(lambda: None))
-    threads = torch.get_num_threads()
-    fair = vh.FairThreads(interval=0)
-    fair.adjust()
-    assert torch.get_num_threads() == threads
-
-
-def test_initial_weights_are_recognised(nb):
-    torch.manual_seed(3)
-    model = nb["VAE"](4)
-    assert vh.has_initial_weights(model, 3)
-    assert not vh.has_initial_weights(model, 4)
-    state = torch.get_rng_state()
-    with torch.no_grad():
-        model.dec3.bias.add_(1e-7)
-    assert not vh.has_initial_weights(model, 3)
-    assert torch.equal(torch.get_rng_state(), state)  # the check leaves the global stream alone
-
-
-def test_a_failed_epoch_leaves_the_state_of_the_epoch_before(nb, tmp_path):
-    run = new_run(nb, tmp_path)
-    data = images()
-    train_epochs(nb, run, data[:128])  # 2 epochs done
-    before = run.state_dict()
-    weights = [p.clone() for p in run.model.parameters()]
-    shuffle_state = run.generators["shuffle"].get_state()
-    run.config = vh.Config(**{**CONFIG.__dict__, "epochs": 3})
-    with pytest.raises(RuntimeError, match="boom") as raised:
-        with run.epoch(3):
-            nb["train_one_epoch"](run.model, run.optimizer, data, 64, run.generators)  # moves everything
-            raise RuntimeError("boom")
-    assert "Stopped in epoch 3" in raised.value.__notes__[0] and "end of epoch 2" in raised.value.__notes__[0]
-    assert all(torch.equal(a, b) for a, b in zip(run.model.parameters(), weights))
-    assert torch.equal(run.generators["shuffle"].get_state(), shuffle_state)
-    assert run.epochs_done == 2 and run.history == before["history"]
-    assert torch.load(tmp_path / "vae.pt", weights_only=True)["epoch"] == 2
-
-
-def test_an_interrupt_becomes_one_message_saying_what_to_do(nb, tmp_path):
-    run = new_run(nb, tmp_path)
-    with pytest.raises(KeyboardInterrupt, match=r"Stopped in epoch 1; .* end of epoch 0\. Run this cell again"):
-        with run.epoch(1):
+    def step(*args, **kwargs):
+        nonlocal steps
+        steps += 1
+        if steps == interrupt_at_step:
             raise KeyboardInterrupt
+        return type(optimizer).step(optimizer, *args, **kwargs)
+
+    optimizer.step = step
+    try:
+        history = vh.resume(path, model, optimizer, config, train, test)
+        for _epoch in range(len(history) + 1, config.EPOCHS + 1):
+            train_recon, train_kl = nb["train_one_epoch"](model, optimizer, train.images, config.BATCH_SIZE,
+                                                          config.BETA, config.BINARIZE)
+            test_recon, test_kl = nb["evaluate"](model, test.images, config.BATCH_SIZE)
+            history.append(dict(train_recon=train_recon, train_kl=train_kl, test_recon=test_recon, test_kl=test_kl))
+            vh.save_checkpoint(path, model, optimizer, config, history)
+    finally:
+        del optimizer.step
+    return history, steps
 
 
-def test_evaluation_needs_a_finished_run_of_the_same_settings(nb, tmp_path):
-    torch.manual_seed(CONFIG.seed)
-    model = nb["VAE"](CONFIG.latent_dim)
-    with pytest.raises(vh.NotebookOrderError, match="has not been trained"):
-        vh.trained_run(model, CONFIG)
-    run = vh.TrainingRun(model, torch.optim.Adam(model.parameters()), CONFIG, tmp_path / "vae.pt",
-                         torch.device("cpu"))
-    with pytest.raises(vh.NotebookOrderError, match="0 of EPOCHS = 2"):
-        vh.trained_run(model, CONFIG)
-    train_epochs(nb, run, images(128))
-    assert vh.trained_run(model, CONFIG) is run
-    changed = vh.Config(**{**CONFIG.__dict__, "learning_rate": 1e-2})
-    with pytest.raises(vh.NotebookOrderError, match=r"LEARNING_RATE: 0.001 -> 0.01.*the optimizer"):
-        vh.trained_run(model, changed)
-    data = vh.Split(images(10), torch.zeros(10, dtype=torch.long), {"DATA_DIR": "data", "DATASET": "fashion",
-                                                                      "TRAIN_SUBSET": 0, "BINARIZE": False,
-                                                                      "DEVICE": "cpu"})
-    with pytest.raises(vh.NotebookOrderError, match="DATASET: 'fashion' -> 'mnist'.*the data cell"):
-        vh.trained_run(model, CONFIG, data)
+def digest(value, hasher=None):
+    """SHA-256 of nested dicts, lists, tensors and numbers: equal digests mean bit-identical contents."""
+    hasher = hasher or hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        hasher.update(value.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            hasher.update(repr(key).encode()), digest(value[key], hasher)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            digest(item, hasher)
+    else:
+        hasher.update(repr(value).encode())
+    return hasher.hexdigest()
+
+
+def fingerprint(path, model):
+    """The weights and every checkpoint entry but run_id (random per run), as SHA-256 digests."""
+    state = torch.load(path, weights_only=True)
+    return {"weights": digest(list(model.parameters()))} | {k: digest(v) for k, v in state.items() if k != "run_id"}
+
+
+@pytest.fixture(scope="module")
+def straight(nb, tmp_path_factory):
+    """Uninterrupted runs of 3 and of 4 epochs: {epochs: (history, fingerprint, checkpoint path)}."""
+    runs = {}
+    for epochs in (3, 4):
+        path = tmp_path_factory.mktemp(f"straight{epochs}") / "vae.pt"
+        model, optimizer = model_cell(nb, settings(EPOCHS=epochs))
+        history, _ = training_cell(nb, path, model, optimizer, settings(EPOCHS=epochs))
+        runs[epochs] = history, fingerprint(path, model), path
+    return runs
+
+
+def test_a_straight_run_saves_every_epoch(straight):
+    history, _, path = straight[3]
+    assert len(history) == 3 and torch.load(path, weights_only=True)["history"] == history
+
+
+def test_an_interrupted_run_continues_bit_identically(nb, straight, tmp_path):
+    model, optimizer = model_cell(nb)
+    with pytest.raises(KeyboardInterrupt):
+        training_cell(nb, tmp_path / "vae.pt", model, optimizer, interrupt_at_step=6)  # epoch 2's second step
+    with pytest.raises(vh.NotebookOrderError, match=r"completed 1 of EPOCHS = 3 epochs: run the training cell"):
+        vh.require_trained(model, CONFIG)
+    history, _ = training_cell(nb, tmp_path / "vae.pt", model, optimizer)
+    assert history == straight[3][0]
+    assert fingerprint(tmp_path / "vae.pt", model) == straight[3][1]
+    vh.require_trained(model, CONFIG, *data_cell())
+
+
+def test_running_the_cell_again_when_done_trains_nothing(nb, straight, tmp_path, capsys):
+    model, optimizer = model_cell(nb)
+    training_cell(nb, tmp_path / "vae.pt", model, optimizer)
+    history, steps = training_cell(nb, tmp_path / "vae.pt", model, optimizer)
+    assert steps == 0 and history == straight[3][0] and "nothing to train" in capsys.readouterr().out
+    assert fingerprint(tmp_path / "vae.pt", model) == straight[3][1]
+
+
+def test_raising_epochs_continues_like_a_longer_straight_run(nb, straight, tmp_path):
+    model, optimizer = model_cell(nb)
+    training_cell(nb, tmp_path / "vae.pt", model, optimizer)
+    history, steps = training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=4))
+    assert steps == 4 and history == straight[4][0]  # one epoch of 256 images in batches of 64
+    assert fingerprint(tmp_path / "vae.pt", model) == straight[4][1]
+
+
+def test_resume_in_a_fresh_process_continues_from_the_file(nb, straight, tmp_path, capsys):
+    model, optimizer = model_cell(nb)
+    with pytest.raises(KeyboardInterrupt):
+        training_cell(nb, tmp_path / "vae.pt", model, optimizer, interrupt_at_step=10)  # in epoch 3
+    vh._runs.clear()  # a restarted kernel knows nothing of the run but the file
+    torch.manual_seed(999)  # and its global random stream is elsewhere
+    model, optimizer = model_cell(nb, settings(RESUME=True))
+    history, _ = training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(RESUME=True))
+    assert "resuming from" in capsys.readouterr().out
+    assert history == straight[3][0] and fingerprint(tmp_path / "vae.pt", model) == straight[3][1]
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings_and_leaves_it(nb, straight, tmp_path):
+    path = tmp_path / "vae.pt"
+    path.write_bytes(straight[3][2].read_bytes())
+    model, optimizer = model_cell(nb, settings(RESUME=True, LATENT_DIM=3, BETA=2.0))
+    with pytest.raises(vh.CheckpointError, match=r"other settings \(LATENT_DIM: 2 -> 3; BETA: 1.0 -> 2.0\)"):
+        training_cell(nb, path, model, optimizer, settings(RESUME=True, LATENT_DIM=3, BETA=2.0))
+    assert path.read_bytes() == straight[3][2].read_bytes()
+
+
+def test_an_optimizer_of_another_model_names_the_optimizer_cell(nb, tmp_path):
+    model, _ = model_cell(nb)
+    _, stale_optimizer = model_cell(nb)  # the model cell was run again after the optimizer cell
+    with pytest.raises(vh.NotebookOrderError, match="belongs to another `model`.*Run the optimizer cell"):
+        training_cell(nb, tmp_path / "vae.pt", model, stale_optimizer)
+
+
+@pytest.mark.parametrize("change", [dict(BETA=2.0), dict(LATENT_DIM=4), dict(LEARNING_RATE=1e-2)])
+def test_a_changed_run_setting_names_the_model_cell_in_one_line(nb, tmp_path, change):
+    model, optimizer = model_cell(nb, settings(EPOCHS=1))
+    training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1))
+    with pytest.raises(vh.NotebookOrderError, match=f"{next(iter(change))}: .*Run the model cell") as error:
+        training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1, **change))
+    assert "\n" not in str(error.value)
+
+
+def test_a_changed_data_setting_names_the_data_cell(nb, tmp_path):
+    model, optimizer = model_cell(nb, settings(EPOCHS=1))
+    training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1))
+    train, test = data_cell(settings(EPOCHS=1))
+    with pytest.raises(vh.NotebookOrderError, match=r"TRAIN_SUBSET: 0 -> 100\).*Run the data cell"):
+        vh.resume(tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1, TRAIN_SUBSET=100), train, test)
+    with pytest.raises(vh.NotebookOrderError, match="Run the data cell"):
+        vh.require_trained(model, settings(EPOCHS=1, TRAIN_SUBSET=100), test)
+
+
+def test_an_untrained_model_names_the_cells_to_run(nb):
+    model, _ = model_cell(nb)
+    with pytest.raises(vh.NotebookOrderError, match="has not been trained: run the optimizer cell .* training cell"):
+        vh.require_trained(model, CONFIG)
+
+
+def test_a_checkpoint_overwritten_by_another_run_is_refused(nb, tmp_path):
+    model, optimizer = model_cell(nb, settings(EPOCHS=1))
+    training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1))
+    other, other_optimizer = model_cell(nb, settings(EPOCHS=1))  # another notebook, the same OUT_DIR
+    vh.resume(tmp_path / "vae.pt", other, other_optimizer, settings(EPOCHS=1), *data_cell())
+    with pytest.raises(vh.CheckpointError, match="now holds another training run"):
+        training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=2))
+
+
+def test_a_nan_loss_is_not_saved_and_the_previous_checkpoint_is_kept(nb, tmp_path):
+    model, optimizer = model_cell(nb, settings(EPOCHS=1))
+    history, _ = training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1))
+    before = (tmp_path / "vae.pt").read_bytes()
+    history.append(dict(history[-1], train_recon=float("nan")))
+    with pytest.raises(FloatingPointError, match=r"epoch 2 .*still holds epoch 1.*LEARNING_RATE"):
+        vh.save_checkpoint(tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=2), history)
+    assert (tmp_path / "vae.pt").read_bytes() == before
+
+
+def write_variant(straight, tmp_path, variant):
+    """A copy of the finished 3-epoch checkpoint, changed as `variant` says; its path."""
+    path = tmp_path / "vae.pt"
+    if variant == "corrupt":
+        path.write_bytes(straight[3][2].read_bytes()[:3000])
+    elif variant != "missing":
+        state = torch.load(straight[3][2], weights_only=True)
+        if variant == "keys":
+            del state["rng"]
+        elif variant == "unfinished":
+            state["history"] = state["history"][:2]
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize(("variant", "dataset", "message"), [
+    ("missing", "mnist", "no checkpoint .*Run Variational_autoencoder.ipynb first"),
+    ("corrupt", "mnist", "truncated or corrupt.*Train again"),
+    ("keys", "mnist", "lacks some of.*Train again"),
+    ("unfinished", "mnist", "holds 2 of its 3 epochs.*RESUME = True"),
+    ("finished", "fashion", "trained on DATASET='mnist'.*Set DATASET = 'mnist'"),
+])
+def test_load_trained_checkpoint_refuses_what_it_cannot_evaluate(straight, tmp_path, variant, dataset, message):
+    with pytest.raises(vh.CheckpointError, match=message):
+        vh.load_trained_checkpoint(write_variant(straight, tmp_path, variant), dataset)
+
+
+def test_load_trained_checkpoint_loads_a_finished_run(straight):
+    state = vh.load_trained_checkpoint(straight[3][2], "mnist")
+    assert state["history"] == straight[3][0] and state["config"]["LATENT_DIM"] == 2
+
+
+# --------------------------------------------------------------------------- thread-count invariance (issue 16)
+
+THREADS_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+import vae_helpers as vh
+
+subnormal_before = (torch.tensor([1e-39]) * 1).item() != 0
+vh.configure_torch(fair_threads=False)  # the thread counts are the test's to set
+nb = vh.load_notebook_definitions(sys.argv[2])
+root = sys.argv[3]
+if not vh.missing_files(root, "mnist"):
+    train, test, _ = vh.load_dataset(root, "mnist", "cpu", allow_download=False)
+    images = train.images[:3000]
+else:
+    images = torch.rand(3000, 784, generator=torch.Generator().manual_seed(0))
+results = {}
+for variant in ("1", "2", "switching"):
+    torch.set_num_threads(2 if variant == "2" else 1)
+    steps = 0
+    def switch(*_):
+        global steps
+        steps += 1
+        if variant == "switching" and steps % 3 == 0:
+            torch.set_num_threads(3 - torch.get_num_threads())
+    hook = register_optimizer_step_pre_hook(switch)
+    torch.manual_seed(1)
+    model = nb["VAE"](20)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = nb["train_one_epoch"](model, optimizer, images, 128) + nb["evaluate"](model, images[:256], 128)
+    hook.remove()
+    weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    results[variant] = {"losses": losses, "weights": weights}
+print(json.dumps({"results": results, "mkl_cbwr": os.environ.get("MKL_CBWR"), "mode": vh.mkl_cbwr_mode(),
+                  "subnormal_before": subnormal_before, "flushed_after": (torch.tensor([1e-39]) * 1).item() == 0}))
+"""
+
+
+def mnist_root():
+    return Path(os.environ.get("VAE_DATA_DIR", REPO / "data"))
+
+
+def test_the_thread_count_changes_no_bit(tmp_path):
+    """One epoch on 3,000 images at 1 thread, at 2, and switching every 3 steps (as FairThreads does when the cores
+    are shared), in a fresh process: MKL reads MKL_CBWR at its first call. On CPUs whose matrix products happen to
+    agree anyway (this project's AMD EPYC) the mode check still fails without the setting: run this test with
+    `MKL_CBWR=` (empty, which configure_torch leaves alone) to see it fail as the code before issue 16 did."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(REPO), str(NOTEBOOK), str(mnist_root())], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["subnormal_before"] and report["flushed_after"], "configure_torch did not flush subnormals to zero"
+    cause = (f"CPU: {vh.cpu_name()}; MKL_CBWR={report['mkl_cbwr']!r}; MKL mode {report['mode']!r}. Without MKL's "
+             "strict conditional numerical reproducibility (MKL_CBWR=AUTO,STRICT, which vh.configure_torch sets "
+             "before the first matrix product) a product's last bits may depend on the thread count, as they do on "
+             "Intel Xeons with AVX-512; without MKL (another BLAS) nothing promises they do not.")
+    assert report["mode"] == vh.MKL_CBWR_AUTO_STRICT, f"MKL's strict CNR mode is off. {cause}"
+    differing = [v for v in ("2", "switching") if report["results"][v] != report["results"]["1"]]
+    assert not differing, f"{' and '.join(differing)} thread(s) gave other losses or weights than 1 thread. {cause}"
