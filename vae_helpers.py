@@ -204,9 +204,9 @@ def configure_torch(fair_threads=True):
         warnings.warn("MKL started before configure_torch (a matrix product ran first), without MKL_CBWR=AUTO,STRICT: "
                       "results may change with the thread count. Restart the kernel; run the setup cell first.",
                       stacklevel=2)
-    # A decoder that is sure a pixel is black gives it a probability of about e^-90, a subnormal float, and
-    # arithmetic on subnormals is many times slower on x86: epochs slow down as training goes on. Flushing them to
-    # zero keeps every epoch as fast as the first (benchmarks/bench_train.py).
+    # A trained decoder and Adam's averages for dead units hold subnormal floats (below 1.2e-38), and arithmetic
+    # on them is many times slower on some x86 CPUs: epochs slowed by 40-50% as training went on, on an Intel Xeon.
+    # Flushing them to zero removes that cost (benchmarks/bench_train.py times every epoch).
     torch.set_flush_denormal(True)
     if _fair_threads_hook is not None:
         _fair_threads_hook.remove()
