@@ -27,7 +27,7 @@ WHEEL_MIRRORS ?= $(patsubst %,file://%,$(wildcard /opt/pypi/simple /opt/pypi-mor
 SYNC := $(UV) pip sync --python $(BIN)/python --require-hashes \
 	$(if $(strip $(WHEEL_MIRRORS)),--index-strategy unsafe-best-match $(addprefix --extra-index-url ,$(WHEEL_MIRRORS)))
 # Fails, naming the pin, when requirements*.txt and the lock files disagree (standard library only).
-CHECK_LOCK := $(PYTHON) tests/test_lock.py
+CHECK_LOCK := $(PYTHON) tools/check_lock.py
 # Universal: one lock for Linux and macOS (and Windows), Python 3.11 and newer, resolved on PyPI.
 COMPILE := $(UV) pip compile --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" \
 	--quiet $(LOCK_FLAGS)
@@ -58,7 +58,7 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt requirements-dev.l
 	touch $(VENV)/.installed $@
 
 # Keeps every pin it can (LOCK_FLAGS=--upgrade moves all to the newest allowed); the dev lock is constrained to the
-# runtime lock, so the packages they share are identical (tests/test_lock.py checks that too).
+# runtime lock, so the packages they share are identical (tools/check_lock.py checks that too).
 lock: $(VENV)/.uv  ## regenerate requirements*.lock from requirements*.txt and UV_VERSION
 	$(COMPILE) requirements.txt -o requirements.lock
 	$(COMPILE) requirements-dev.txt --constraint requirements.lock -o requirements-dev.lock

@@ -82,7 +82,7 @@ class Config(types.SimpleNamespace):
         """The settings as a JSON-ready dict."""
         return dict(vars(self))
 
-    def __repr__(self):
+    def __repr__(self):  # one line, named Config: IPython would print a SimpleNamespace as `namespace(` over 13 lines
         return "Config(" + ", ".join(f"{name}={value!r}" for name, value in vars(self).items()) + ")"
 
 
@@ -131,8 +131,9 @@ def read_config(defaults, environ):
 
 def device_available(name):
     """True if this machine has the device `name` ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    return name == "cpu" or (name.startswith("cuda") and torch.cuda.is_available()) or (
-        name == "mps" and torch.backends.mps.is_available())
+    if name.startswith("cuda"):  # 'cuda:N' needs N GPUs or more
+        return torch.cuda.is_available() and int(name.partition(":")[2] or 0) < torch.cuda.device_count()
+    return name == "cpu" or (name == "mps" and torch.backends.mps.is_available())
 
 
 def choose_device(name):
@@ -178,7 +179,7 @@ class FairThreads:
             torch.set_num_threads(threads)
 
 
-_fair_threads_hook = None
+_fair_threads = None  # (the FairThreads policy, its hook handle) while configure_torch has one on
 MKL_CBWR_AUTO_STRICT = 0x10002  # what mkl_cbwr_get reports for MKL_CBWR=AUTO,STRICT
 
 
@@ -194,25 +195,30 @@ def mkl_cbwr_mode():
 
 def configure_torch(fair_threads=True):
     """Deterministic kernels, bits that do not depend on the thread count, no subnormals; FairThreads on steps."""
-    global _fair_threads_hook
+    global _fair_threads
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this
     torch.use_deterministic_algorithms(True)
     # MKL's conditional numerical reproducibility: its matrix products give the same bits at any thread count. MKL
     # reads this when it first computes, so it must be set before the first matrix product (checked below).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     if mkl_cbwr_mode() not in (None, MKL_CBWR_AUTO_STRICT):  # None: torch without MKL; then nothing to promise
-        warnings.warn("MKL started before configure_torch (a matrix product ran first), without MKL_CBWR=AUTO,STRICT: "
-                      "results may change with the thread count. Restart the kernel; run the setup cell first.",
+        cause = ("a matrix product ran before configure_torch" if os.environ["MKL_CBWR"] == "AUTO,STRICT" else
+                 f"the environment sets MKL_CBWR={os.environ['MKL_CBWR']!r}")
+        warnings.warn(f"MKL is not in its AUTO,STRICT mode ({cause}): results may change with the thread count. "
+                      "Unset MKL_CBWR (or set it to AUTO,STRICT), restart the kernel and run the setup cell first.",
                       stacklevel=2)
     # A trained decoder and Adam's averages for dead units hold subnormal floats (below 1.2e-38), and arithmetic
     # on them is many times slower on some x86 CPUs: epochs slowed by 40-50% as training went on, on an Intel Xeon.
     # Flushing them to zero removes that cost (benchmarks/bench_train.py times every epoch).
     torch.set_flush_denormal(True)
-    if _fair_threads_hook is not None:
-        _fair_threads_hook.remove()
-        _fair_threads_hook = None
+    if _fair_threads is not None:  # the setup cell run again: back to the thread count before the first policy
+        policy, hook = _fair_threads
+        hook.remove()
+        torch.set_num_threads(policy.max_threads)
+        _fair_threads = None
     if fair_threads:
-        _fair_threads_hook = register_optimizer_step_pre_hook(FairThreads().adjust)
+        policy = FairThreads()
+        _fair_threads = policy, register_optimizer_step_pre_hook(policy.adjust)
 
 
 def library_versions():
@@ -477,6 +483,7 @@ def resume(checkpoint_path, model, optimizer, config, train, test):
     path = Path(checkpoint_path)
     run = _runs.get(model)
     fix = f"Delete {path} (or set RESUME = False) to start afresh, or choose another OUT_DIR."
+    state = None
     if run is None and config.RESUME and path.exists():
         state = read_checkpoint(path, fix)
         changed = _settings_changed(state["config"], config.as_dict(), RUN_SETTINGS)
@@ -494,7 +501,7 @@ def resume(checkpoint_path, model, optimizer, config, train, test):
     elif run["path"] != path:
         raise NotebookOrderError(f"This model's training run writes to {run['path']}, not {path}: OUT_DIR changed. "
                                  f"Run {MODEL_CELL} and the cells after it, in order.")
-    state = read_checkpoint(path, fix)
+    state = state or read_checkpoint(path, fix)
     if state["run_id"] != run["run_id"]:
         raise CheckpointError(f"{path} now holds another training run (another notebook or process wrote it). "
                               f"Run {MODEL_CELL} and the cells after it to start afresh, or use another OUT_DIR.")

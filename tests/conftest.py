@@ -26,6 +26,12 @@ QUICK_SETTINGS = {"VAE_EPOCHS": "1", "VAE_TRAIN_SUBSET": "2000", "VAE_IW_SAMPLES
 KEPT_SETTINGS = ("VAE_DATA_DIR", "VAE_DEVICE")  # a user's data location and device still apply
 
 
+@pytest.fixture(scope="session")
+def nb():
+    """The walkthrough's cells tagged `definitions` (VAE, loss_terms, train_one_epoch, ...), as a namespace."""
+    return vh.load_notebook_definitions(NOTEBOOK)
+
+
 def data_root():
     """The folder the notebook will read data from: $VAE_DATA_DIR, else the notebook's default `data`."""
     return Path(os.environ.get("VAE_DATA_DIR", REPO / "data"))

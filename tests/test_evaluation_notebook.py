@@ -46,6 +46,9 @@ def test_an_unreadable_checkpoint_is_refused_without_running_its_code(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(vh.CheckpointError, match="truncated or corrupt"):
         vh.load_trained_checkpoint(path, "mnist")
+    torch.save({"model": {}, "config": {}}, path)
+    with pytest.raises(vh.CheckpointError, match="lacks some of"):
+        vh.load_trained_checkpoint(path, "mnist")
     torch.save({"model": vh.Config}, path)  # a global: weights_only refuses it, so loading never runs a pickle's code
     with pytest.raises(vh.CheckpointError, match="truncated or corrupt"):
         vh.load_trained_checkpoint(path, "mnist")

@@ -73,6 +73,26 @@ def test_an_unavailable_device_is_refused_and_auto_falls_back():
     assert vh.choose_device("auto").type in ("cpu", "mps")
 
 
+def test_a_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert vh.device_available("cuda") and vh.device_available("cuda:1") and not vh.device_available("cuda:2")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_setup_cell_run_again_restores_the_thread_count_fair_threads_lowered():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        vh.configure_torch()
+        torch.set_num_threads(1)  # as FairThreads does while another program is busy
+        vh.configure_torch()  # the setup cell again
+        assert torch.get_num_threads() == 2 and vh._fair_threads[0].max_threads == 2
+    finally:
+        vh.configure_torch(fair_threads=False)
+        torch.set_num_threads(threads)
+
+
 def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path):
     assert vh.prepare_out_dir(tmp_path / "a" / "b").is_dir()
     (tmp_path / "file").write_text("keep me")

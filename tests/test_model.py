@@ -5,16 +5,7 @@ them, against independent oracles: torch.distributions, a float64 numpy BCE, and
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
-
-import vae_helpers as vh
-from conftest import NOTEBOOK
-
-
-@pytest.fixture(scope="module")
-def nb():
-    return vh.load_notebook_definitions(NOTEBOOK)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,13 +77,6 @@ def test_loss_terms_match_a_float64_bce_and_the_closed_form_kl(nb):
     recon, kl = nb["loss_terms"](*(torch.tensor(a, dtype=torch.float32) for a in (logits, x, mu, log_var)))
     assert recon.item() == pytest.approx(expected_recon, rel=1e-5)
     assert kl.item() == pytest.approx(expected_kl, rel=1e-5)
-
-
-def test_the_fused_bce_equals_sigmoid_then_bce(nb, model, images):
-    logits, mu, log_var = model(images)
-    recon, _ = nb["loss_terms"](logits, images, mu, log_var)
-    assert recon.item() == pytest.approx(F.binary_cross_entropy(torch.sigmoid(logits), images, reduction="sum").item(),
-                                         rel=1e-5)
 
 
 def test_evaluate_averages_the_terms_of_its_own_seeded_draw(nb, model, images):

@@ -1,5 +1,5 @@
 """The training cell's state, tested without a kernel: vh.resume / vh.save_checkpoint (the checkpoint is the truth),
-the cell-order checks, load_trained_checkpoint, and that the thread count changes no bit (issue 16).
+the cell-order checks, and that the thread count changes no bit (issue 16).
 
 The cells are re-enacted here in the walkthrough's pattern, with the notebook's own VAE (its layers swapped for tiny
 ones: the same forward code), train_one_epoch and evaluate, on 256 random 16-pixel images: a run is a blink.
@@ -7,16 +7,14 @@ ones: the same forward code), train_one_epoch and evaluate, on 256 random 16-pix
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import vae_helpers as vh
-from conftest import NOTEBOOK, REPO
+from conftest import NOTEBOOK, REPO, data_root
 
 CONFIG = vh.read_config(dict(EPOCHS=3, BATCH_SIZE=64, LATENT_DIM=2, LEARNING_RATE=1e-3, SEED=7, DATA_DIR="data",
                              OUT_DIR=".", TRAIN_SUBSET=0, DEVICE="cpu", DATASET="mnist", BETA=1.0, BINARIZE=False,
@@ -26,11 +24,6 @@ PIXELS = 16
 
 def settings(**changes):
     return vh.Config(**{**CONFIG.as_dict(), **changes})
-
-
-@pytest.fixture(scope="module")
-def nb():
-    return vh.load_notebook_definitions(NOTEBOOK)
 
 
 def data_cell(config=CONFIG):
@@ -217,38 +210,6 @@ def test_a_nan_loss_is_not_saved_and_the_previous_checkpoint_is_kept(nb, tmp_pat
     assert (tmp_path / "vae.pt").read_bytes() == before
 
 
-def write_variant(straight, tmp_path, variant):
-    """A copy of the finished 3-epoch checkpoint, changed as `variant` says; its path."""
-    path = tmp_path / "vae.pt"
-    if variant == "corrupt":
-        path.write_bytes(straight[3][2].read_bytes()[:3000])
-    elif variant != "missing":
-        state = torch.load(straight[3][2], weights_only=True)
-        if variant == "keys":
-            del state["rng"]
-        elif variant == "unfinished":
-            state["history"] = state["history"][:2]
-        torch.save(state, path)
-    return path
-
-
-@pytest.mark.parametrize(("variant", "dataset", "message"), [
-    ("missing", "mnist", "no checkpoint .*Run Variational_autoencoder.ipynb first"),
-    ("corrupt", "mnist", "truncated or corrupt.*Train again"),
-    ("keys", "mnist", "lacks some of.*Train again"),
-    ("unfinished", "mnist", "holds 2 of its 3 epochs.*RESUME = True"),
-    ("finished", "fashion", "trained on DATASET='mnist'.*Set DATASET = 'mnist'"),
-])
-def test_load_trained_checkpoint_refuses_what_it_cannot_evaluate(straight, tmp_path, variant, dataset, message):
-    with pytest.raises(vh.CheckpointError, match=message):
-        vh.load_trained_checkpoint(write_variant(straight, tmp_path, variant), dataset)
-
-
-def test_load_trained_checkpoint_loads_a_finished_run(straight):
-    state = vh.load_trained_checkpoint(straight[3][2], "mnist")
-    assert state["history"] == straight[3][0] and state["config"]["LATENT_DIM"] == 2
-
-
 # --------------------------------------------------------------------------- thread-count invariance (issue 16)
 
 THREADS_SCRIPT = """
@@ -289,10 +250,6 @@ print(json.dumps({"results": results, "mkl_cbwr": os.environ.get("MKL_CBWR"), "m
 """
 
 
-def mnist_root():
-    return Path(os.environ.get("VAE_DATA_DIR", REPO / "data"))
-
-
 def test_the_thread_count_changes_no_bit(tmp_path):
     """One epoch on 3,000 images at 1 thread, at 2, and switching every 3 steps (as FairThreads does when the cores
     are shared), in a fresh process: MKL reads MKL_CBWR at its first call. On CPUs whose matrix products happen to
@@ -300,7 +257,7 @@ def test_the_thread_count_changes_no_bit(tmp_path):
     `MKL_CBWR=` (empty, which configure_torch leaves alone) to see it fail as the code before issue 16 did."""
     script = tmp_path / "threads.py"
     script.write_text(THREADS_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(REPO), str(NOTEBOOK), str(mnist_root())], cwd=tmp_path,
+    done = subprocess.run([sys.executable, str(script), str(REPO), str(NOTEBOOK), str(data_root())], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
