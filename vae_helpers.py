@@ -150,22 +150,31 @@ class FairThreads:
 
     PyTorch's OpenMP threads spin while they wait for each other: alone that is fastest, but beside another busy
     process a spinning thread takes turns from the thread it waits for, and an epoch can take four times longer.
-    Reads /proc/stat (Linux); elsewhere it changes nothing. Called before every optimizer step.
+    Reads /proc/stat (Linux), for the cores this process may use; elsewhere it changes nothing. Called before every
+    optimizer step.
     """
 
+    STAT = "/proc/stat"
+
     def __init__(self, interval=0.5):
-        self.max_threads, self.cores, self.interval = torch.get_num_threads(), os.cpu_count() or 1, interval
+        # the cores this process may run on: all of them, or those a cpuset or taskset left it (Linux)
+        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        self.max_threads, self.cores, self.interval = torch.get_num_threads(), len(self.cpus), interval
         self._last = self._sample()
 
-    @staticmethod
-    def _sample():
-        """(seconds, CPU-seconds of work on the machine, CPU-seconds of this process), or None without /proc/stat."""
+    def _sample(self):
+        """(seconds, CPU-seconds of work on this process's cores, CPU-seconds of this process), or None."""
+        busy = 0
         try:
-            with open("/proc/stat") as handle:
-                user, nice, system, _idle, _iowait, irq, softirq = map(int, handle.readline().split()[1:8])
+            with open(self.STAT) as handle:
+                for line in handle:  # "cpu" (all), then "cpu0", "cpu1", ..., then other counters
+                    name, *fields = line.split()
+                    if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                        user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
+                        busy += user + nice + system + irq + softirq
         except (OSError, ValueError):
             return None
-        return time.monotonic(), (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), time.process_time()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
 
     def adjust(self, *_hook_args):
         """Set the thread count to the cores other processes left free since the last look (at least 1)."""
@@ -487,6 +496,9 @@ def resume(checkpoint_path, model, optimizer, config, train, test):
     if run is None and config.RESUME and path.exists():
         state = read_checkpoint(path, fix)
         changed = _settings_changed(state["config"], config.as_dict(), RUN_SETTINGS)
+        here = str(next(model.parameters()).device)  # another device draws other noise: not the same run
+        if state["device"] != here:
+            changed = "; ".join(filter(None, [changed, f"device: {state['device']!r} -> {here!r}"]))
         if changed:
             raise CheckpointError(f"Checkpoint {path} was made with other settings ({changed}). {fix}")
         run = _runs[model] = {"path": path, "run_id": state["run_id"], "config": state["config"]}

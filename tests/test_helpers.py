@@ -227,3 +227,13 @@ def test_check_run_accepts_a_finished_run_within_the_bound_only(tmp_path, capsys
     assert make_commands.check_run(tmp_path, 101.5) == {"final_test_loss": 100.4} and "OK" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="above the bound 100"):
         make_commands.check_run(tmp_path, 100)
+
+
+def test_fair_threads_counts_only_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(vh.FairThreads, "STAT", str(stat))
+    lines = ["cpu  900 0 900 0 0 0 0 0", "cpu0 100 0 100 0 0 0 0 0", "cpu1 800 0 800 0 0 0 0 0", "intr 5"]
+    stat.write_text("\n".join(lines) + "\n")
+    policy = vh.FairThreads()
+    policy.cpus = {0}  # as under `taskset -c 0`: cpu1's work is not competing with us
+    assert policy._sample()[1] * os.sysconf("SC_CLK_TCK") == 200

@@ -4,17 +4,14 @@ under tmp_path; nothing is downloaded.
 """
 
 import json
-import sys
 
+import make_commands  # tools/, on the path through conftest
 import nbformat
 import pytest
+import sweep
 
 import vae_helpers as vh
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-import make_commands  # noqa: E402
-import sweep  # noqa: E402
 
 EVALUATION_SETTINGS = ("OUT_DIR", "DATA_DIR", "DATASET", "DEVICE", "IW_SAMPLES", "IW_TEST_IMAGES")  # the companion's
 

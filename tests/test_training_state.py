@@ -157,6 +157,11 @@ def test_resume_refuses_a_checkpoint_from_other_settings_and_leaves_it(nb, strai
     with pytest.raises(vh.CheckpointError, match=r"other settings \(LATENT_DIM: 2 -> 3; BETA: 1.0 -> 2.0\)"):
         training_cell(nb, path, model, optimizer, settings(RESUME=True, LATENT_DIM=3, BETA=2.0))
     assert path.read_bytes() == straight[3][2].read_bytes()
+    state = torch.load(path, weights_only=True)
+    torch.save(state | {"device": "cuda:0"}, path)  # trained on a GPU: here it would draw other noise
+    model, optimizer = model_cell(nb, settings(RESUME=True))
+    with pytest.raises(vh.CheckpointError, match=r"other settings \(device: 'cuda:0' -> 'cpu'\)"):
+        training_cell(nb, path, model, optimizer, settings(RESUME=True))
 
 
 def test_an_optimizer_of_another_model_names_the_optimizer_cell(nb, tmp_path):
