@@ -169,7 +169,9 @@ class FairThreads:
             with open(self.STAT) as handle:
                 for line in handle:  # "cpu" (all), then "cpu0", "cpu1", ..., then other counters
                     name, *fields = line.split()
-                    if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                    if not name.startswith("cpu"):
+                        break
+                    if name[3:].isdigit() and int(name[3:]) in self.cpus:
                         user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
                         busy += user + nice + system + irq + softirq
         except (OSError, ValueError):
@@ -178,8 +180,10 @@ class FairThreads:
 
     def adjust(self, *_hook_args):
         """Set the thread count to the cores other processes left free since the last look (at least 1)."""
+        if self._last is None or time.monotonic() - self._last[0] < self.interval:  # most steps stop here
+            return
         now = self._sample()
-        if now is None or self._last is None or now[0] - self._last[0] < self.interval:
+        if now is None:
             return
         others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / (now[0] - self._last[0])  # busy cores
         self._last = now

@@ -447,27 +447,11 @@ def test_moment_matched_kl_bias_for_gaussian_codes(nb):
 # --------------------------------------------------------------------------- reading the sweep's results
 
 
-def test_read_sweep_skips_a_missing_file_with_a_note_and_reads_the_evaluation(nb, tmp_path, capsys):
-    (tmp_path / "beta-1.json").write_text('{"final_test_recon": 80.0, "final_test_kl": 20.5, "active_units": 11}')
-    (tmp_path / "beta-1.evaluation.json").write_text('{"active_units": 12, "knn_accuracy": {"latent": 0.96}}')
-    (tmp_path / "beta-2.json").write_text('{"final_test_recon": 90.0, "final_test_kl": 13.0}')
+def test_read_sweep_keeps_the_runs_with_both_files_and_names_what_is_missing(nb, tmp_path, capsys):
+    (tmp_path / "beta-1.json").write_text('{"final_test_negative_elbo": 100.5}')
+    (tmp_path / "beta-1.evaluation.json").write_text('{"active_units": 12}')
+    (tmp_path / "beta-2.json").write_text('{"final_test_negative_elbo": 105.0}')  # no evaluation: skipped
     runs = nb["read_sweep"](tmp_path, ["beta-1", "beta-2", "fashion"])
-    assert list(runs) == ["beta-1", "beta-2"]
-    assert "fashion.json is missing" in capsys.readouterr().out
-    assert nb["negative_elbo"](runs["beta-1"]) == 100.5
-    assert nb["sweep_value"](runs["beta-1"], "active_units") == 12  # the evaluation's number first
-    assert nb["sweep_value"](runs["beta-1"], "knn_accuracy", "latent") == 0.96
-    assert nb["sweep_value"](runs["beta-2"], "knn_accuracy", "latent") is None
-
-
-def test_sweep_value_looks_in_nested_results_and_gives_none_when_absent(nb):
-    run = {"final_test_recon": 80.0, "evaluation": {"importance_weighted": {"nll": 94.9}}}
-    assert nb["sweep_value"](run, "importance_weighted", "nll") == 94.9
-    assert nb["sweep_value"](run, "final_test_recon") == 80.0
-    assert nb["sweep_value"](run, "knn_accuracy", "latent") is None
-    assert nb["negative_elbo"](run) is None  # no final_test_kl
-    assert nb["show"](None, "6.1f") == nb["show"](None, "6d") == "     –"  # a dash, as wide as a number
-    assert nb["show"](3.14159, "6.2f") == "  3.14"
-    assert nb["difference"](5.0, 2.0) == 3.0 and nb["difference"](None, 2.0) is None
-    assert nb["computed"](lambda r: r["entropy_floor"] / r["final_test_recon"], run) is None  # KeyError
-    assert nb["computed"](lambda r: nb["negative_elbo"](r) - 1.0, run) is None  # TypeError: None - 1.0
+    assert runs == {"beta-1": ({"final_test_negative_elbo": 100.5}, {"active_units": 12})}
+    printed = capsys.readouterr().out
+    assert "beta-2.evaluation.json missing" in printed and "fashion.json and fashion.evaluation.json missing" in printed
