@@ -100,3 +100,31 @@ def test_the_committed_run_trained_every_epoch_within_the_bound():
     assert epochs[-1][2] == round(metrics["final_test_loss"], 1)  # the printed loss is the saved one
     with Image.open(REPO / "samples.png") as samples:
         assert samples.size == (242, 242)  # 8 x 8 digits of 28 pixels with 2-pixel gaps
+
+
+def test_the_sweep_results_back_what_the_walkthrough_shows_and_quotes():
+    """Every configuration is published with its figures; each results/sweep file the walkthrough's text names
+    exists, and each number its exercise answers quote is one of the sweep's, rounded to one decimal."""
+    import sweep  # tools/sweep.py
+
+    published = REPO / "results" / "sweep"
+    for name in sweep.CONFIGURATIONS:
+        for suffix in ("json", "evaluation.json", "samples.png", "reconstructions.png"):
+            assert (published / f"{name}.{suffix}").is_file(), f"{name}.{suffix}: run `make sweep`"
+    markdown = "\n".join("".join(c["source"]) for c in load(NOTEBOOK)["cells"] if c["cell_type"] == "markdown")
+    named = re.findall(r"\((results/sweep/[^)\s]+)\)", markdown)
+    assert named and all((REPO / path).is_file() for path in named), named
+    values = set()
+
+    def collect(value):
+        if isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                collect(item)
+        elif isinstance(value, float):
+            values.add(f"{value:.1f}")
+
+    for path in published.glob("*.json"):
+        collect(load(path))
+    answers = "\n".join(re.findall(r"<details>(.*?)</details>", markdown, re.DOTALL))
+    quoted = set(re.findall(r"(?<![\d.])\d+\.\d(?![\d])", answers))
+    assert quoted and quoted <= values, sorted(quoted - values)

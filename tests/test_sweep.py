@@ -127,18 +127,23 @@ def test_figure_has_one_labelled_point_per_grey_level_mnist_run(runs):
     assert sweep.rate_distortion_figure({"fashion": runs["fashion"]}) is None
 
 
-def test_publish_copies_exactly_the_summary_the_figure_and_each_runs_json(tmp_path, runs):
+def test_publish_copies_exactly_the_summary_the_figure_and_each_runs_json_and_figures(tmp_path, runs):
     out = tmp_path
     (out / "summary.md").write_text("table")
     (out / "rate_distortion.png").write_bytes(b"\x89PNG")
     (out / "beta-1" / "vae.pt").write_bytes(b"checkpoint")  # not published
+    (out / "beta-1" / "loss_curves.png").write_bytes(b"curves")  # nor is this figure
+    (out / "beta-1" / "samples.png").write_bytes(b"samples")
+    (out / "fashion" / "reconstructions.png").write_bytes(b"reconstructions")
     sweep.publish(out, ["beta-1", "fashion"], tmp_path / "published")
     published = {path.name: path.read_bytes() for path in (tmp_path / "published").iterdir()}
     assert published == {"summary.md": b"table", "rate_distortion.png": b"\x89PNG",
                          "beta-1.json": (out / "beta-1" / "metrics.json").read_bytes(),
                          "beta-1.evaluation.json": (out / "beta-1" / "evaluation.json").read_bytes(),
+                         "beta-1.samples.png": b"samples",
                          "fashion.json": (out / "fashion" / "metrics.json").read_bytes(),
-                         "fashion.evaluation.json": (out / "fashion" / "evaluation.json").read_bytes()}
+                         "fashion.evaluation.json": (out / "fashion" / "evaluation.json").read_bytes(),
+                         "fashion.reconstructions.png": b"reconstructions"}
 
 
 @pytest.mark.skipif(not make_commands.DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
@@ -167,6 +172,7 @@ config = dict(EPOCHS=EPOCHS, LATENT_DIM=LATENT_DIM, BETA=BETA, BINARIZE=BINARIZE
 pathlib.Path(OUT_DIR, "metrics.json").write_text(json.dumps({
     "config": config, "final_test_recon": rec, "final_test_kl": kl, "final_test_negative_elbo": rec + kl,
     "train_seconds": 1.0, "cwd": os.getcwd(), "vae_variables": [k for k in os.environ if k.startswith("VAE_")]}))
+pathlib.Path(OUT_DIR, "samples.png").write_bytes(b"samples")
 """
 COMPANION = """\
 import json, pathlib
@@ -214,17 +220,20 @@ def test_sweep_end_to_end_with_stand_in_notebooks(tmp_path, monkeypatch, capsys)
     assert (out / "beta-2" / "evaluation.json").stat().st_mtime_ns == done
     for name in configurations:
         assert {p.name for p in (out / name).iterdir()} == {"metrics.json", "evaluation.json", "walkthrough.ipynb",
-                                                             "companion.ipynb"}
+                                                             "companion.ipynb", "samples.png"}
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert metrics["cwd"] == str(REPO) and metrics["vae_variables"] == [] and metrics["config"]["RESUME"]
     rows = table_rows((out / "summary.md").read_text())
     assert rows["beta-2"]["changed settings"] == "BETA=2" and rows["beta-2"]["rec"] == "100.0"
     assert {p.name for p in published.iterdir()} == {"summary.md", "rate_distortion.png", "beta-1.json",
-                                                     "beta-1.evaluation.json", "beta-2.json", "beta-2.evaluation.json"}
+                                                     "beta-1.evaluation.json", "beta-2.json", "beta-2.evaluation.json",
+                                                     "beta-1.samples.png", "beta-2.samples.png"}
     assert (published / "beta-2.json").read_bytes() == (out / "beta-2" / "metrics.json").read_bytes()
     assert (published / "summary.md").read_bytes() == (out / "summary.md").read_bytes()
 
+    (out / "beta-1" / "manifold.png").write_bytes(b"from a 2-D run")  # a figure the next run does not make
     assert sweep.main([*argv, "--only", "beta-1", "--set", "EPOCHS=3"]) == 0  # other settings: run again
     printed = capsys.readouterr().out
+    assert not (out / "beta-1" / "manifold.png").exists()
     assert "beta-1: done in" in printed and "beta-2" not in printed
     assert table_rows((out / "summary.md").read_text())["beta-1"]["changed settings"] == "EPOCHS=3"

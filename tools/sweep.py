@@ -11,9 +11,10 @@ walkthrough runs with RESUME = True, so an interrupted training continues from i
 that fails is reported by name; the others still run, and the exit status is 1.
 
 Then OUT/summary.md (one table) and OUT/rate_distortion.png (KL against reconstruction, grey-level MNIST runs);
-with --publish DIR, once every configuration is done, they and each run's metrics.json (as NAME.json) and
-evaluation.json (as NAME.evaluation.json) are copied into DIR. Fashion-MNIST is never downloaded: when DATA_DIR
-lacks it, Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) is unpacked into OUT/data.
+with --publish DIR, once every configuration is done, they and each run's metrics.json (as NAME.json),
+evaluation.json (as NAME.evaluation.json) and figures (as NAME.samples.png, ...) are copied into DIR.
+Fashion-MNIST is never downloaded: when DATA_DIR lacks it, Debian's dataset-fashion-mnist (apt-get install
+dataset-fashion-mnist) is unpacked into OUT/data.
 
     python tools/sweep.py --out build/sweep --data-dir data --publish results/sweep
     python tools/sweep.py --only beta-1,latent-2 --set EPOCHS=1 --set TRAIN_SUBSET=2000 --out build/quick-sweep
@@ -37,7 +38,7 @@ import vae_helpers as vh  # noqa: E402
 
 NOTEBOOKS = (REPO / "Variational_autoencoder.ipynb", REPO / "Evaluating_a_trained_VAE.ipynb")  # run in this order
 CONFIGURATIONS = {  # name (its folder): the settings that differ from the notebooks' defaults
-    "beta-0": {"BETA": 0.0},  # an autoencoder with noisy codes: nothing pulls q(z|x) towards the prior
+    "beta-0": {"BETA": 0.0},  # in effect an autoencoder: nothing pulls q(z|x) towards the prior, sigma shrinks
     "beta-0.25": {"BETA": 0.25},
     "beta-0.5": {"BETA": 0.5},
     "beta-1": {},  # the defaults: the VAE
@@ -46,10 +47,15 @@ CONFIGURATIONS = {  # name (its folder): the settings that differ from the noteb
     "latent-2": {"LATENT_DIM": 2},
     "binarized": {"BINARIZE": True},
     "fashion": {"DATASET": "fashion"},
+    # exercise 5's bug, a BCE averaged over the 784 pixels and 128 images beside a summed KL: that loss is
+    # (rec + 128 * 784 * KL) / (128 * 784), and Adam's steps do not depend on a constant factor (up to its epsilon).
+    # 128 is the default BATCH_SIZE; the bug's last, smaller batch (60,000 = 468 * 128 + 96) weighs the KL less.
+    "mean-bce": {"BETA": 128.0 * 784},
 }
 # The settings that define a run: one made with other OUT_DIR, DATA_DIR, DEVICE or RESUME is the same run.
 COMPARED = ("EPOCHS", *vh.RUN_SETTINGS, "IW_SAMPLES", "IW_TEST_IMAGES")
 FILES = {"metrics.json": "{}.json", "evaluation.json": "{}.evaluation.json"}  # a run's files: their published names
+FIGURES = ("samples.png", "reconstructions.png", "manifold.png")  # published as NAME.samples.png, ..., where made
 SUMMARY, FIGURE = "summary.md", "rate_distortion.png"
 
 
@@ -110,6 +116,8 @@ def run_configuration(wanted, notebooks, folder):
     import papermill as pm
 
     folder.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:  # a figure left by a run with other settings must not be published as this one's
+        (folder / name).unlink(missing_ok=True)
     if wanted["DATASET"] == "fashion" and vh.missing_files(REPO / wanted["DATA_DIR"], "fashion"):
         wanted = {**wanted, "DATA_DIR": repo_path(folder.parent / "data")}  # never downloaded: Debian's, unpacked
         make_commands.unpack_fashion(REPO / wanted["DATA_DIR"])
@@ -219,12 +227,14 @@ def rate_distortion_figure(runs):
 
 
 def publish(out, names, target):
-    """Copy summary.md, the figure (if any) and each run's JSON files, under their published names; the copies."""
+    """Copy summary.md, the figure (if any), each run's JSON files and figures, under their published names."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     pairs = [(Path(out) / file, target / file) for file in (SUMMARY, FIGURE) if (Path(out) / file).is_file()]
     pairs += [(Path(out) / name / file, target / published.format(name)) for name in names
               for file, published in FILES.items()]
+    pairs += [(Path(out) / name / file, target / f"{name}.{file}") for name in names for file in FIGURES
+              if (Path(out) / name / file).is_file()]
     return [vh.write_bytes_atomically(source.read_bytes(), copy) for source, copy in pairs]
 
 
