@@ -1,15 +1,15 @@
 """Plumbing for Variational_autoencoder.ipynb and its companion, so the notebooks stay about the VAE.
 
 Each guarantee the notebooks make is one mechanism here, and nothing runs at import:
-  settings      read_config: the parameters cell's constants, overridden by VAE_* variables, each checked
+  settings      check_settings: the parameters cell's constants (or papermill's -p), each checked
   torch setup   configure_torch: deterministic kernels, the same bits at any thread count, no slow-down from
                 subnormal numbers, and fewer threads while other programs keep the cores busy (FairThreads)
   data          load_splits: MNIST or Fashion-MNIST, SHA-256 verified, as tensors
-  files         write_bytes_atomically and the savers built on it: a failed write never replaces a good file
-  checkpoints   resume / save_checkpoint: the checkpoint is the truth; the training cell always continues from
-                the last completed epoch in it (after an interrupt, an error or a restart with RESUME alike)
+  checkpoints   start_or_resume / save_checkpoint: the checkpoint is the truth; the training cell always continues
+                from the last completed epoch in it (after an interrupt, an error or a restart with RESUME alike);
+                written atomically, so a failed write never replaces a good checkpoint
   cell order    require_trained, NotebookOrderError: a cell run out of order names the cell to run
-  companion     load_trained_checkpoint, load_notebook_definitions (the walkthrough's definitions)
+  companion     load_trained_checkpoint, load_notebook_definitions (the walkthrough's definitions), read_sweep
 """
 
 import ast
@@ -26,18 +26,15 @@ import platform
 import secrets
 import shutil
 import time
-import types
 import warnings
 import weakref
 from pathlib import Path
 
+import psutil
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 # --------------------------------------------------------------------------- settings
-
-ENV_PREFIX = "VAE_"
-
 
 class ConfigError(ValueError):
     """A setting has a value the notebook cannot use."""
@@ -47,7 +44,7 @@ def _device_name(value):
     return value in ("auto", "cpu", "mps", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
 
 
-# NAME: (type, check, what it accepts). The parameters cells supply the defaults; a VAE_NAME variable wins.
+# NAME: (type, check, what it accepts). The parameters cells hold the values; papermill's -p replaces them.
 SETTINGS = {
     "EPOCHS": (int, lambda v: v >= 1, "a whole number >= 1"),
     "BATCH_SIZE": (int, lambda v: v >= 1, "a whole number >= 1"),
@@ -60,8 +57,8 @@ SETTINGS = {
     "DEVICE": (str, _device_name, "auto, cpu, cuda, cuda:N or mps"),
     "DATASET": (str, lambda v: v in ("mnist", "fashion"), "mnist or fashion"),
     "BETA": (float, lambda v: 0 <= v < math.inf, "a number >= 0 (1 = the plain VAE)"),
-    "BINARIZE": (bool, lambda v: True, "True or False (1 or 0)"),
-    "RESUME": (bool, lambda v: True, "True or False (1 or 0)"),
+    "BINARIZE": (bool, lambda v: True, "True or False"),
+    "RESUME": (bool, lambda v: True, "True or False"),
     # the companion notebook's own
     "IW_SAMPLES": (int, lambda v: v >= 1, "a whole number >= 1"),
     # its bound is compared with the ELBO within 4 standard errors, estimated from the images: a handful of
@@ -72,58 +69,36 @@ SETTINGS = {
 # Settings that change the numbers a training run produces: a checkpoint continues only with the same ones.
 # EPOCHS is not among them: raising it continues the same run.
 RUN_SETTINGS = ("BATCH_SIZE", "LATENT_DIM", "LEARNING_RATE", "SEED", "TRAIN_SUBSET", "DATASET", "BETA", "BINARIZE")
-DATA_SETTINGS = ("DATA_DIR", "DATASET", "TRAIN_SUBSET", "BINARIZE", "DEVICE")  # what the loaded tensors depend on
-
-
-class Config(types.SimpleNamespace):
-    """Checked settings, read as config.EPOCHS."""
-
-    def as_dict(self):
-        """The settings as a JSON-ready dict."""
-        return dict(vars(self))
-
-    def __repr__(self):  # one line, named Config: IPython would print a SimpleNamespace as `namespace(` over 13 lines
-        return "Config(" + ", ".join(f"{name}={value!r}" for name, value in vars(self).items()) + ")"
+DATA_SETTINGS = ("DATA_DIR", "DATASET", "TRAIN_SUBSET", "BINARIZE")  # what the loaded tensors depend on
 
 
 def _convert(raw, kind):
-    """`raw` (a cell's value or an environment variable's text) as `kind`; ValueError if it is not one."""
+    """`raw` as `kind`; ValueError if it is not one (papermill's -p gives 'True', 1 or 1.0 as typed)."""
     if kind is bool and not isinstance(raw, bool):
         text = str(raw).strip().lower()
-        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if text not in ("1", "true", "0", "false"):
             raise ValueError(raw)
-        return text in ("1", "true", "yes", "on")
+        return text in ("1", "true")
     if kind is int and isinstance(raw, bool | float):
         raise ValueError(raw)  # 2.0 or True for a count hides a typo
     return kind(raw.strip() if isinstance(raw, str) else raw)
 
 
-def read_config(defaults, environ):
-    """Check the parameters cell's values (or papermill's -p), apply VAE_NAME overrides (they win): a Config."""
-    unknown = sorted(set(defaults) - set(SETTINGS))
-    unknown_env = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):] not in SETTINGS)
-    if unknown or unknown_env:
-        raise ConfigError(f"Unknown setting(s) {unknown + unknown_env}. Known: {', '.join(SETTINGS)} "
-                          f"(as variables, with the prefix {ENV_PREFIX}).")
+def check_settings(namespace):
+    """The settings among a notebook's variables (`globals()`), each checked: {NAME: value}; ConfigError if bad."""
     values = {}
-    for name, default in defaults.items():
+    for name in [name for name in SETTINGS if name in namespace]:
         kind, check, accepts = SETTINGS[name]
-        env_name = ENV_PREFIX + name
-        from_env = env_name in environ
-        raw = environ[env_name] if from_env else default
         try:
-            value = _convert(raw, kind)
+            value = _convert(namespace[name], kind)
             valid = check(value)
         except (TypeError, ValueError):
             valid = False
         if not valid:
-            where = (f"environment variable {env_name}={raw!r} is invalid: {name} must be {accepts}. Fix it or "
-                     f"unset {env_name}." if from_env else
-                     f"parameter {name}={raw!r} (from the parameters cell or papermill's -p) is invalid: {name} "
-                     f"must be {accepts}. Correct the parameters cell (papermill: -p {name} <value>).")
-            raise ConfigError(where)
+            raise ConfigError(f"{name} = {namespace[name]!r} is invalid: {name} must be {accepts}. Correct it in "
+                              f"the parameters cell (papermill: -p {name} <value>), then run it and the next cells.")
         values[name] = str(Path(value).expanduser()) if name.endswith("_DIR") else value
-    return Config(**values)
+    return values
 
 
 # --------------------------------------------------------------------------- torch setup
@@ -150,41 +125,29 @@ class FairThreads:
 
     PyTorch's OpenMP threads spin while they wait for each other: alone that is fastest, but beside another busy
     process a spinning thread takes turns from the thread it waits for, and an epoch can take four times longer.
-    Reads /proc/stat (Linux), for the cores this process may use; elsewhere it changes nothing. Called before every
+    Reads the load of the cores this process may use through psutil (Linux, macOS, Windows). Called before every
     optimizer step.
     """
 
-    STAT = "/proc/stat"
-
     def __init__(self, interval=0.5):
-        # the cores this process may run on: all of them, or those a cpuset or taskset left it (Linux)
-        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        process = psutil.Process()
+        # the cores this process may run on: all of them, or those a cpuset or taskset left it (not on macOS)
+        self.cpus = process.cpu_affinity() if hasattr(process, "cpu_affinity") else range(psutil.cpu_count())
         self.max_threads, self.cores, self.interval = torch.get_num_threads(), len(self.cpus), interval
         self._last = self._sample()
 
     def _sample(self):
-        """(seconds, CPU-seconds of work on this process's cores, CPU-seconds of this process), or None."""
-        busy = 0
-        try:
-            with open(self.STAT) as handle:
-                for line in handle:  # "cpu" (all), then "cpu0", "cpu1", ..., then other counters
-                    name, *fields = line.split()
-                    if not name.startswith("cpu"):
-                        break
-                    if name[3:].isdigit() and int(name[3:]) in self.cpus:
-                        user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
-                        busy += user + nice + system + irq + softirq
-        except (OSError, ValueError):
-            return None
-        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+        """(seconds, CPU-seconds of work on this process's cores, CPU-seconds of this process)."""
+        per_cpu = psutil.cpu_times(percpu=True)
+        idle = ("idle", "iowait", "steal", "guest", "guest_nice")  # guest time is counted in user time already
+        busy = sum(sum(t) - sum(getattr(t, name, 0.0) for name in idle) for t in (per_cpu[i] for i in self.cpus))
+        return time.monotonic(), busy, time.process_time()
 
     def adjust(self, *_hook_args):
         """Set the thread count to the cores other processes left free since the last look (at least 1)."""
-        if self._last is None or time.monotonic() - self._last[0] < self.interval:  # most steps stop here
+        if time.monotonic() - self._last[0] < self.interval:  # most steps stop here
             return
         now = self._sample()
-        if now is None:
-            return
         others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / (now[0] - self._last[0])  # busy cores
         self._last = now
         threads = max(1, min(self.max_threads, round(self.cores - max(others, 0.0))))
@@ -320,7 +283,7 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
                 problem = f"the download failed ({type(err).__name__}: {err})"
         if missing_files(data_dir, dataset):
             raise DataError(f"{folder} is not in {raw} and {problem}. Copy its four files there ({', '.join(files)}; "
-                            "uncompressed), or set DATA_DIR (VAE_DATA_DIR) to the folder that holds <Name>/raw/.")
+                            "uncompressed), or set DATA_DIR to the folder that holds <Name>/raw/.")
     for name, (size, sha256) in files.items():
         with open(raw / name, "rb") as handle:
             path, digest = raw / name, hashlib.file_digest(handle, "sha256").hexdigest()
@@ -337,15 +300,18 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
     return splits[0], splits[1], list(ds.classes)
 
 
-def load_splits(config, device, allow_download=True):
-    """The training and test Splits a config asks for (its subset; the test set binarized once, seeded)."""
-    train, test, class_names = load_dataset(config.DATA_DIR, config.DATASET, device, allow_download)
-    if config.TRAIN_SUBSET:
-        train = Split(train.images[: config.TRAIN_SUBSET], train.labels[: config.TRAIN_SUBSET])
-    if config.BINARIZE:  # one fixed binary draw of the test set (on the CPU: the same on every device)
+def load_splits(data_dir, dataset, device, train_subset=0, binarize=False, allow_download=True):
+    """The training and test Splits: the first `train_subset` training images (0: all); with `binarize`, the test
+    set binarized once, seeded (on the CPU: the same on every device). Also the class names."""
+    data_dir = str(Path(data_dir).expanduser())
+    train, test, class_names = load_dataset(data_dir, dataset, device, allow_download)
+    if train_subset:
+        train = Split(train.images[:train_subset], train.labels[:train_subset])
+    if binarize:
         drawn = torch.bernoulli(test.images.cpu(), generator=torch.Generator().manual_seed(0))
         test = Split(drawn.to(device), test.labels)
-    train.settings = test.settings = {name: config.as_dict().get(name) for name in DATA_SETTINGS}
+    train.settings = test.settings = dict(DATA_DIR=data_dir, DATASET=dataset, TRAIN_SUBSET=train_subset,
+                                          BINARIZE=binarize)
     return train, test, class_names
 
 
@@ -386,31 +352,6 @@ def write_bytes_atomically(data, path):
     return target
 
 
-# The savers render into memory and write the bytes: the renderers' own file handling would report a full disk in
-# their own terms (torch.save: "enforce fail at inline_container.cc"); a plain write reports ENOSPC.
-
-
-def save_image_grid(images, path, nrow, side=28):
-    """Save rows of side*side pixels as a PNG grid of `nrow` columns (torchvision's layout, 2-pixel gaps)."""
-    from torchvision.utils import save_image
-
-    buffer = io.BytesIO()
-    save_image(images.detach().reshape(-1, 1, side, side).cpu(), buffer, nrow=nrow, format="png")
-    return write_bytes_atomically(buffer.getbuffer(), path)
-
-
-def save_figure(figure, path):
-    """Save a matplotlib figure as PNG, atomically."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return write_bytes_atomically(buffer.getbuffer(), path)
-
-
-def write_json(data, path):
-    """Write `data` as indented JSON, atomically."""
-    return write_bytes_atomically((json.dumps(data, indent=2) + "\n").encode(), path)
-
-
 # --------------------------------------------------------------------------- checkpoints and cell order
 
 
@@ -423,10 +364,11 @@ class NotebookOrderError(RuntimeError):
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "config", "history", "device", "run_id")
-DATA_CELL = "the data cell (section 3, `train, test, class_names = ...`)"
-MODEL_CELL = "the model cell (section 4, `model = VAE(...)`)"
-OPTIMIZER_CELL = "the optimizer cell (section 6, `optimizer = ...`)"
-TRAINING_CELL = "the training cell (section 6)"
+# The cells a refusal names, by the code they hold (the notebook's sections may be renumbered).
+DATA_CELL = "the data cell (`train, test, class_names = ...`)"
+MODEL_CELL = "the model cell (`model = VAE(...)`)"
+OPTIMIZER_CELL = "the optimizer cell (`optimizer = ...`)"
+TRAINING_CELL = "the training cell (`for epoch in ...`)"
 
 _runs = weakref.WeakKeyDictionary()  # model -> what its training run is: {"path", "run_id", "config", "epochs"}
 
@@ -465,54 +407,57 @@ def _settings_changed(old, new, names):
     return "; ".join(f"{n}: {old.get(n)!r} -> {new.get(n)!r}" for n in names if old.get(n) != new.get(n))
 
 
-def _check_cells(config, model, splits):
-    """NotebookOrderError naming the earliest cell to run if the data or `model` no longer fit `config`."""
-    wanted = config.as_dict()
+def _check_cells(settings, model, splits):
+    """NotebookOrderError naming the earliest cell to run if the data or `model` no longer fit `settings`."""
     for split in splits:
-        changed = _settings_changed(split.settings, wanted, DATA_SETTINGS)
-        if changed:
+        changed = _settings_changed(split.settings, settings, DATA_SETTINGS)
+        if changed or split.images.device != next(model.parameters()).device:
+            changed = changed or f"DEVICE: the data is on {split.images.device}"
             raise NotebookOrderError(f"Settings changed after the data was loaded ({changed}). Run {DATA_CELL} and "
                                      "the cells after it, in order.")
     run = _runs.get(model)
-    changed = run and _settings_changed(run["config"], wanted, RUN_SETTINGS)
+    changed = run and _settings_changed(run["settings"], settings, RUN_SETTINGS)
     if changed:
-        data_changed = _settings_changed(run["config"], wanted, DATA_SETTINGS)  # the data must be reloaded first
+        data_changed = _settings_changed(run["settings"], settings, DATA_SETTINGS)  # the data must be reloaded first
         cell = DATA_CELL if data_changed else MODEL_CELL
         raise NotebookOrderError(f"Settings changed after this model started training ({changed}). Run {cell} "
                                  "and the cells after it, in order, to train with them.")
 
 
-def resume(checkpoint_path, model, optimizer, config, train, test):
-    """The history of the epochs done so far, with model, optimizer and random streams as they were after them.
+def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
+    """Start a training run, or continue one: the history of the epochs done, with the model, optimizer and random
+    streams as they were after them. The settings are read by name from `namespace` (the notebook's `globals()`).
 
     The checkpoint is the single truth: a model that has started training here continues from the last epoch
     saved in `checkpoint_path`, whatever happened since (an interrupt, an error); so does RESUME = True after a
-    restart. Otherwise training starts afresh, from the seed. Cells run out of order raise NotebookOrderError.
+    restart. Otherwise a new run starts: torch is seeded with SEED and epoch 0 is saved, which an interrupted first
+    epoch goes back to. Cells run out of order raise NotebookOrderError.
     """
+    settings = check_settings(namespace)
     if {id(p) for group in optimizer.param_groups for p in group["params"]} != {id(p) for p in model.parameters()}:
         raise NotebookOrderError(f"`optimizer` belongs to another `model`: {MODEL_CELL} was run after the optimizer "
                                  f"was created. Run {OPTIMIZER_CELL}, then this cell.")
-    _check_cells(config, model, (train, test))
+    _check_cells(settings, model, (train, test))
     path = Path(checkpoint_path)
     run = _runs.get(model)
     fix = f"Delete {path} (or set RESUME = False) to start afresh, or choose another OUT_DIR."
     state = None
-    if run is None and config.RESUME and path.exists():
+    if run is None and settings["RESUME"] and path.exists():
         state = read_checkpoint(path, fix)
-        changed = _settings_changed(state["config"], config.as_dict(), RUN_SETTINGS)
+        changed = _settings_changed(state["config"], settings, RUN_SETTINGS)
         here = str(next(model.parameters()).device)  # another device draws other noise: not the same run
         if state["device"] != here:
             changed = "; ".join(filter(None, [changed, f"device: {state['device']!r} -> {here!r}"]))
         if changed:
             raise CheckpointError(f"Checkpoint {path} was made with other settings ({changed}). {fix}")
-        run = _runs[model] = {"path": path, "run_id": state["run_id"], "config": state["config"]}
+        run = _runs[model] = {"path": path, "run_id": state["run_id"], "settings": state["config"]}
         print(f"resuming from {path} after epoch {len(state['history'])}")
     elif run is None:  # a new run: the model cell has just built `model`
-        if config.RESUME:
+        if settings["RESUME"]:
             print(f"RESUME is set but there is no {path}: training from the start")
-        torch.manual_seed(config.SEED)  # the random streams of training start here, whatever ran before
-        run = _runs[model] = {"path": path, "run_id": secrets.token_hex(8), "config": config.as_dict()}
-        save_checkpoint(path, model, optimizer, config, [])  # epoch 0: what an interrupted first epoch goes back to
+        torch.manual_seed(settings["SEED"])  # the random streams of training start here, whatever ran before
+        run = _runs[model] = {"path": path, "run_id": secrets.token_hex(8), "settings": settings}
+        save_checkpoint(path, model, optimizer, settings["EPOCHS"], [])
         return []
     elif run["path"] != path:
         raise NotebookOrderError(f"This model's training run writes to {run['path']}, not {path}: OUT_DIR changed. "
@@ -525,13 +470,13 @@ def resume(checkpoint_path, model, optimizer, config, train, test):
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     run["epochs"] = len(state["history"])
-    if run["epochs"] >= config.EPOCHS:
-        print(f"Trained {run['epochs']} epochs already (EPOCHS = {config.EPOCHS}): nothing to train. To train more, "
-              "raise EPOCHS in the parameters cell, run it and the next cell, then this cell again.")
+    if run["epochs"] >= settings["EPOCHS"]:
+        print(f"Trained {run['epochs']} epochs already (EPOCHS = {settings['EPOCHS']}): nothing to train. To train "
+              f"more, raise EPOCHS in the parameters cell, run it and the next cell, then this cell again.")
     return state["history"]
 
 
-def save_checkpoint(checkpoint_path, model, optimizer, config, history):
+def save_checkpoint(checkpoint_path, model, optimizer, epochs, history):
     """Write everything needed to continue after the last epoch of `history`; refuse a loss that is nan or inf."""
     if history and not all(math.isfinite(value) for value in history[-1].values()):
         raise FloatingPointError(
@@ -540,23 +485,25 @@ def save_checkpoint(checkpoint_path, model, optimizer, config, history):
             "1e-3), and check that the data is in [0, 1].")
     run = _runs[model]
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-             "config": run["config"] | {"EPOCHS": config.EPOCHS}, "history": history,
+             "config": run["settings"] | {"EPOCHS": epochs}, "history": history,
              "device": str(next(model.parameters()).device), "run_id": run["run_id"]}
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()  # torch.save into memory: a full disk is then reported as one, by the plain write below
     torch.save(state, buffer)
     write_bytes_atomically(buffer.getbuffer(), checkpoint_path)
     run["epochs"] = len(history)
 
 
-def require_trained(model, config, *splits):
-    """Raise NotebookOrderError, naming the cell to run, unless `model` finished training with `config`."""
+def require_trained(model, namespace, *splits):
+    """Raise NotebookOrderError, naming the cell to run, unless `model` finished training with the settings in
+    `namespace` (the notebook's `globals()`) and the data `splits` still fit them."""
     run = _runs.get(model)
     if run is None:
         raise NotebookOrderError(f"`model` has not been trained: run {OPTIMIZER_CELL} and {TRAINING_CELL} first.")
-    _check_cells(config, model, splits)
-    if run.get("epochs", 0) < config.EPOCHS:
-        raise NotebookOrderError(f"`model` has completed {run.get('epochs', 0)} of EPOCHS = {config.EPOCHS} epochs: "
-                                 f"run {TRAINING_CELL} first.")
+    settings = check_settings(namespace)
+    _check_cells(settings, model, splits)
+    if run.get("epochs", 0) < settings["EPOCHS"]:
+        raise NotebookOrderError(f"`model` has completed {run.get('epochs', 0)} of EPOCHS = {settings['EPOCHS']} "
+                                 f"epochs: run {TRAINING_CELL} first.")
 
 
 def load_trained_checkpoint(path, dataset):
@@ -571,18 +518,38 @@ def load_trained_checkpoint(path, dataset):
     if len(state["history"]) < trained["EPOCHS"]:
         raise CheckpointError(f"Checkpoint {path} holds {len(state['history'])} of its {trained['EPOCHS']} epochs: "
                               f"training was interrupted. Run {walkthrough}'s training cell again, or run it with "
-                              "RESUME = True (VAE_RESUME=1) and the same OUT_DIR, then this notebook.")
+                              "RESUME = True and the same OUT_DIR, then this notebook.")
     if trained["DATASET"] != dataset:
         raise CheckpointError(f"Checkpoint {path} was trained on DATASET={trained['DATASET']!r}, but this notebook "
                               f"is set to DATASET={dataset!r}. Set DATASET = {trained['DATASET']!r}, or point "
                               "OUT_DIR at a run trained on it.")
+    try:  # the walkthrough's last cell writes metrics.json beside the checkpoint: the run's measured numbers
+        state["metrics"] = json.loads(path.with_name("metrics.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path.with_name('metrics.json')} is missing or unreadable ({err}): run "
+                              f"{walkthrough} to its last cell with this OUT_DIR, then this notebook.") from None
     return state
 
 
 # --------------------------------------------------------------------------- tools
 
 
-def load_notebook_definitions(notebook_path, tag="definitions", namespace=None):
+HERE = Path(__file__).resolve().parent  # the project folder: the notebooks and results/sweep are beside this file
+WALKTHROUGH = HERE / "Variational_autoencoder.ipynb"
+SWEEP_DIR = HERE / "results" / "sweep"  # what `make sweep` publishes: NAME.json, NAME.evaluation.json, figures
+
+
+def read_sweep(names, folder=SWEEP_DIR, layout=("{}.json", "{}.evaluation.json")):
+    """{name: (metrics.json, evaluation.json)} for each run of `names` whose two files are in `folder`."""
+    runs = {}
+    for name in names:
+        paths = [Path(folder) / pattern.format(name) for pattern in layout]
+        with contextlib.suppress(OSError, ValueError):  # missing or unfinished: not a result
+            runs[name] = tuple(json.loads(path.read_text()) for path in paths)
+    return runs
+
+
+def load_notebook_definitions(notebook_path=WALKTHROUGH, tag="definitions", namespace=None):
     """Run a notebook's top-level imports and its cells tagged `tag` in `namespace` (default: a new dict)."""
     notebook = json.loads(Path(notebook_path).read_text())
     namespace = {"__name__": "notebook_definitions"} if namespace is None else namespace

@@ -7,8 +7,8 @@ cores busy; with MKL_CBWR that configure_torch sets, that changes no bit (tests/
 
 Targets on a 2-core CPU: FairThreads alone within noise of the default alone; with a second job, within 1.3x of a
 fair share of the cores (twice the default's time alone).
-Run: python benchmarks/bench_shared_cores.py [--images 30000] [--epochs 3]; reads MNIST from $VAE_DATA_DIR
-(default: data), never downloads. Run it on an otherwise idle machine.
+Run: python benchmarks/bench_shared_cores.py [--images 30000] [--epochs 3] [--data-dir data]; never downloads.
+Run it on an otherwise idle machine.
 """
 
 import argparse
@@ -39,7 +39,7 @@ def worker(policy, images, epochs, data_dir, forever):
     data = train.images[:images]
     torch.manual_seed(0)
     model = nb["VAE"]()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as the walkthrough
     vh.configure_torch(fair_threads=policy == "fair")
     epoch = 0
     while forever or epoch < epochs:
@@ -80,7 +80,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=30000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed per measurement (median reported)")
-    parser.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", str(REPO / "data")))
+    parser.add_argument("--data-dir", default=str(REPO / "data"))
     parser.add_argument("--worker", choices=POLICIES, help=argparse.SUPPRESS)
     parser.add_argument("--forever", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)

@@ -1,12 +1,12 @@
 """Shared test setup: the quick configuration, where the data is, and papermill as the one whole-notebook runner.
 
-nbval starts its kernels from this process's environment, so pytest_configure puts the quick configuration
-(1 epoch on 2,000 images) and a scratch OUT_DIR there: the notebook tests never write into the repository.
-Tests that need real MNIST (marked `notebook`, and the notebooks under nbval) are skipped, with the reason, when
-it is not on disk: tests never download.
+nbval runs copies of both notebooks that papermill prepared with the quick configuration (1 epoch on 2,000
+images) and a scratch OUT_DIR as parameters, in build/nbval: the notebook tests never write into the repository.
+They are added when pytest runs its testpaths (`python -m pytest`, `make test`). Tests that need real MNIST
+(marked `notebook`, and the notebooks under nbval) are skipped, with the reason, when it is not on disk: tests
+never download. The data folder is --data-dir (the Makefile passes DATA_DIR), else the repository's `data`.
 """
 
-import os
 import shutil
 import sys
 import tempfile
@@ -21,9 +21,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # the command-line tools, importable as modules
 import vae_helpers as vh  # noqa: E402
 
-# The quick configuration of the fast tier (nbval): VAE_* variables, which every kernel started here inherits.
-QUICK_SETTINGS = {"VAE_EPOCHS": "1", "VAE_TRAIN_SUBSET": "2000", "VAE_IW_SAMPLES": "50", "VAE_IW_TEST_IMAGES": "100"}
-KEPT_SETTINGS = ("VAE_DATA_DIR", "VAE_DEVICE")  # a user's data location and device still apply
+# The quick configuration of the fast tier (nbval), as papermill parameters; each notebook takes those it has.
+QUICK_SETTINGS = {"EPOCHS": 1, "TRAIN_SUBSET": 2000, "IW_SAMPLES": 50, "IW_TEST_IMAGES": 100}
+NBVAL_DIR = REPO / "build" / "nbval"
+DATA_ROOT = [REPO / "data"]  # replaced by --data-dir
+
+
+def pytest_addoption(parser):
+    parser.addoption("--data-dir", default=str(REPO / "data"), help="the folder that holds MNIST/raw (make: DATA_DIR)")
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +38,8 @@ def nb():
 
 
 def data_root():
-    """The folder the notebook will read data from: $VAE_DATA_DIR, else the notebook's default `data`."""
-    return Path(os.environ.get("VAE_DATA_DIR", REPO / "data"))
+    """The folder the notebooks read data from in the tests: --data-dir, else the repository's `data`."""
+    return DATA_ROOT[0]
 
 
 def dataset_present(root, dataset):
@@ -47,37 +52,51 @@ def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def execute_notebook(notebook, output_path, **parameters):
-    """Run a whole notebook with papermill in the repository's folder (so `import vae_helpers` works), its settings
-    given as papermill parameters. Its kernel sees no VAE_* variable (one would override a parameter). Returns the
-    executed notebook; raises papermill's PapermillExecutionError on an error."""
+def prepare_notebook(notebook, target, clear_outputs=False, **parameters):
+    """Write a copy of `notebook` to `target` with papermill's parameters cell for those of `parameters` it has."""
+    import nbformat
     import papermill
 
-    saved = dict(os.environ)
-    for name in [name for name in os.environ if name.startswith(vh.ENV_PREFIX)]:
-        del os.environ[name]
-    try:
-        return papermill.execute_notebook(str(notebook), str(output_path), parameters=parameters, cwd=str(REPO),
-                                          kernel_name="python3", progress_bar=False)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    own = papermill.inspect_notebook(str(notebook))
+    papermill.execute_notebook(str(notebook), str(target), parameters={k: v for k, v in parameters.items() if k in own},
+                               prepare_only=True, kernel_name="python3", progress_bar=False)
+    if clear_outputs:
+        copy = nbformat.read(target, as_version=4)
+        for cell in copy.cells:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nbformat.write(copy, target)
+    return Path(target)
+
+
+def execute_notebook(notebook, output_path, **parameters):
+    """Run a whole notebook with papermill in the repository's folder (so `import vae_helpers` works), its settings
+    given as papermill parameters. Returns the executed notebook; raises PapermillExecutionError on an error."""
+    import papermill
+
+    return papermill.execute_notebook(str(notebook), str(output_path), parameters=parameters, cwd=str(REPO),
+                                      kernel_name="python3", progress_bar=False)
 
 
 def pytest_configure(config):
-    """Give nbval's kernels the quick configuration and a scratch OUT_DIR."""
-    config.saved_environ = dict(os.environ)
-    for name in [name for name in os.environ if name.startswith("VAE_") and name not in KEPT_SETTINGS]:
-        del os.environ[name]
-    os.environ.update(QUICK_SETTINGS)
-    os.environ["VAE_OUT_DIR"] = config.nbval_out_dir = tempfile.mkdtemp(prefix="vae-nbval-")
+    """Where the data is; when pytest runs its testpaths, nbval's copies of both notebooks in the quick configuration
+    (the walkthrough first: the companion reads its checkpoint), with a scratch OUT_DIR."""
+    DATA_ROOT[0] = Path(config.getoption("data_dir")).expanduser().resolve()
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS or not dataset_present(data_root(), "mnist"):
+        return
+    config.nbval_out_dir = tempfile.mkdtemp(prefix="vae-nbval-")
+    shutil.rmtree(NBVAL_DIR, ignore_errors=True)
+    NBVAL_DIR.mkdir(parents=True)
+    (NBVAL_DIR / "vae_helpers.py").symlink_to(REPO / "vae_helpers.py")  # imported from the kernel's folder
+    for notebook in (NOTEBOOK, COMPANION):
+        prepare_notebook(notebook, NBVAL_DIR / notebook.name, **QUICK_SETTINGS, OUT_DIR=config.nbval_out_dir,
+                         DATA_DIR=str(data_root()))
+        config.args.append(str(NBVAL_DIR / notebook.name))
 
 
 def pytest_unconfigure(config):
-    """Restore the environment and remove the scratch OUT_DIR."""
-    if hasattr(config, "saved_environ"):
-        os.environ.clear()
-        os.environ.update(config.saved_environ)
+    """Remove the scratch OUT_DIR."""
+    if hasattr(config, "nbval_out_dir"):
         shutil.rmtree(config.nbval_out_dir, ignore_errors=True)
 
 
@@ -85,7 +104,7 @@ def pytest_collection_modifyitems(config, items):
     """Skip everything that executes a notebook when MNIST is not on disk (tests never download)."""
     if dataset_present(data_root(), "mnist"):
         return
-    skip = pytest.mark.skip(reason=f"MNIST is not in {data_root()}: run `make data` or set VAE_DATA_DIR")
+    skip = pytest.mark.skip(reason=f"MNIST is not in {data_root()}: run `make data`, or pass --data-dir")
     for item in items:
         if item.path.suffix == ".ipynb" or item.get_closest_marker("notebook"):
             item.add_marker(skip)

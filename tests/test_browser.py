@@ -1,8 +1,8 @@
 """The notebooks as a reader runs them: JupyterLab in a real (headless) Chromium, driven by Playwright.
 
 A scratch folder gets copies of both notebooks (outputs cleared), of vae_helpers.py and of the committed sweep
-results the companion reads; JupyterLab serves it on 127.0.0.1 with the quick configuration and one OUT_DIR in
-its environment, so every kernel inherits them. The test opens the walkthrough, clicks *Run > Run All Cells*,
+results the companion reads, each notebook with the quick configuration and one OUT_DIR as papermill's parameters
+cell; JupyterLab serves it on 127.0.0.1. The test opens the walkthrough, clicks *Run > Run All Cells*,
 waits for the kernel and checks the page: every code cell numbered, no error shown, every figure loaded, MathJax
 rendered every equation and left no raw TeX. Then the same with the companion, which evaluates the checkpoint
 the walkthrough just wrote. On failure a screenshot and the server log are saved in the test's tmp_path.
@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import COMPANION, KEPT_SETTINGS, NOTEBOOK, QUICK_SETTINGS, REPO, data_root
+from conftest import COMPANION, NOTEBOOK, QUICK_SETTINGS, REPO, data_root, prepare_notebook
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.notebook]
 
@@ -119,13 +119,10 @@ def stop(process, runtime_dir):
 def lab_server(tmp_path):
     """JupyterLab on 127.0.0.1 serving scratch copies, with private Jupyter folders and the quick configuration."""
     root, jupyter = tmp_path / "root", tmp_path / "jupyter"
-    for path in (NOTEBOOK, COMPANION):
-        notebook = nbformat.read(path, as_version=4)
-        for cell in notebook.cells:
-            if cell.cell_type == "code":
-                cell.outputs, cell.execution_count = [], None
-        root.mkdir(exist_ok=True)
-        nbformat.write(notebook, root / path.name)
+    root.mkdir()
+    for path in (NOTEBOOK, COMPANION):  # the quick configuration as papermill's parameters cell, outputs cleared
+        prepare_notebook(path, root / path.name, clear_outputs=True, **QUICK_SETTINGS, OUT_DIR=str(tmp_path / "out"),
+                         DATA_DIR=str(data_root()))
     shutil.copy2(REPO / "vae_helpers.py", root)
     if (REPO / "results" / "sweep").is_dir():
         shutil.copytree(REPO / "results" / "sweep", root / "results" / "sweep")
@@ -135,9 +132,8 @@ def lab_server(tmp_path):
     for name, values in LAB_SETTINGS.items():
         (dirs["settings"] / name).parent.mkdir(parents=True, exist_ok=True)
         (dirs["settings"] / name).write_text(json.dumps(values))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_") or k in KEPT_SETTINGS}
-    env.update(QUICK_SETTINGS, VAE_OUT_DIR=str(tmp_path / "out"), VAE_DATA_DIR=str(data_root().resolve()),
-               JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
+    env = dict(os.environ)
+    env.update(JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
                JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
                JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), IPYTHONDIR=str(dirs["ipython"]),
                JUPYTER_PLATFORM_DIRS="1", PYTHONUNBUFFERED="1")

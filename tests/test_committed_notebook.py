@@ -2,7 +2,6 @@
 nothing of the machine that ran it, and the walkthrough stays short, each section ending with its takeaway."""
 
 import json
-import os
 import re
 
 import pytest
@@ -11,6 +10,7 @@ from PIL import Image
 from conftest import COMPANION, NOTEBOOK, REPO
 
 MAX_TEST_LOSS = 101.5  # the reproduction bound (Makefile)
+OUTPUTS = REPO / "outputs"  # the committed run's OUT_DIR
 MAX_WORDS = 3_000  # of the walkthrough's markdown
 EPOCH_LINE = re.compile(r"^epoch +(\d+)/(\d+)  train loss +[\d.]+  test loss +([\d.]+) ", re.MULTILINE)
 
@@ -57,7 +57,7 @@ def test_no_path_of_the_machine_that_ran_it(notebook):
     """Readers elsewhere should see nothing machine-specific: OUT_DIR and DATA_DIR as given, not resolved."""
     absolute = re.compile(r"""(?:^|[\s'"(=\[])(/(?:home|root|work|tmp|Users|var|srv|mnt|opt|data)\b[^\s'",)]*)""")
     texts = {"the outputs": json.dumps([cell.get("outputs", []) for cell in notebook["cells"]])}
-    texts |= {name: (REPO / name).read_text() for name in ("metrics.json", "evaluation.json")}
+    texts |= {name: (OUTPUTS / name).read_text() for name in ("metrics.json", "evaluation.json")}
     for name, text in texts.items():
         assert str(REPO) not in text and not absolute.findall(text), f"{name}: {absolute.findall(text)[:3]}"
 
@@ -77,28 +77,27 @@ def test_the_walkthrough_is_short():
     assert words <= MAX_WORDS
 
 
-def test_walkthrough_outputs_come_from_the_default_settings(monkeypatch):
-    for name in [name for name in os.environ if name.startswith("VAE_")]:
-        monkeypatch.delenv(name)
+def test_walkthrough_outputs_come_from_the_default_settings():
     cells, namespace = code_cells(load(NOTEBOOK)), {}
-    for cell in cells[:2]:  # the parameters cell and the cell that reads them, with no overrides
+    for cell in cells[:2]:  # the parameters cell and the cell that checks them
         exec("".join(cell["source"]), namespace)
-    assert text_of(cells[0]) == "" and text_of(cells[1]) == repr(namespace["config"])
+    settings = namespace["vh"].check_settings(namespace)
+    assert text_of(cells[0]) == "" and text_of(cells[1]) == repr(settings)
     checked = [cell for cell in cells if "# NBVAL_CHECK_OUTPUT" in "".join(cell["source"])]
     assert all(text_of(cell) for cell in checked) and "1,082,680 parameters" in text_of(checked[-1])
-    metrics = load(REPO / "metrics.json")
-    assert metrics["config"] == namespace["config"].as_dict()
-    assert load(REPO / "evaluation.json")["checkpoint_config"] == metrics["config"]  # the companion evaluated it
+    metrics = load(OUTPUTS / "metrics.json")
+    assert metrics["config"] == settings
+    assert load(OUTPUTS / "evaluation.json")["checkpoint_config"] == metrics["config"]  # the companion evaluated it
 
 
 def test_the_committed_run_trained_every_epoch_within_the_bound():
     printed = "\n".join(text_of(cell) for cell in code_cells(load(NOTEBOOK)))
     epochs = [(int(epoch), int(of), float(loss)) for epoch, of, loss in EPOCH_LINE.findall(printed)]
     assert [(epoch, of) for epoch, of, _ in epochs] == [(n, 20) for n in range(1, 21)]
-    metrics = load(REPO / "metrics.json")
+    metrics = load(OUTPUTS / "metrics.json")
     assert len(metrics["history"]) == 20 and metrics["final_test_loss"] <= MAX_TEST_LOSS
     assert epochs[-1][2] == round(metrics["final_test_loss"], 1)  # the printed loss is the saved one
-    with Image.open(REPO / "samples.png") as samples:
+    with Image.open(OUTPUTS / "samples.png") as samples:
         assert samples.size == (242, 242)  # 8 x 8 digits of 28 pixels with 2-pixel gaps
 
 
@@ -114,17 +113,8 @@ def test_the_sweep_results_back_what_the_walkthrough_shows_and_quotes():
     markdown = "\n".join("".join(c["source"]) for c in load(NOTEBOOK)["cells"] if c["cell_type"] == "markdown")
     named = re.findall(r"\((results/sweep/[^)\s]+)\)", markdown)
     assert named and all((REPO / path).is_file() for path in named), named
-    values = set()
-
-    def collect(value):
-        if isinstance(value, dict | list):
-            for item in value.values() if isinstance(value, dict) else value:
-                collect(item)
-        elif isinstance(value, float):
-            values.add(f"{value:.1f}")
-
-    for path in published.glob("*.json"):
-        collect(load(path))
+    values = {f"{float(number):.1f}" for path in published.glob("*.json")  # every float the sweep wrote
+              for number in re.findall(r"\d+\.\d+(?:e[-+]?\d+)?", path.read_text())}
     answers = "\n".join(re.findall(r"<details>(.*?)</details>", markdown, re.DOTALL))
     quoted = set(re.findall(r"(?<![\d.])\d+\.\d(?![\d])", answers))
     assert quoted and quoted <= values, sorted(quoted - values)

@@ -442,16 +442,3 @@ def test_moment_matched_kl_bias_for_gaussian_codes(nb):
     plug_ins, biases = torch.tensor(plug_ins), torch.tensor(biases)
     assert abs(plug_ins.mean() - exact) < 4 * plug_ins.std() / math.sqrt(len(plug_ins))
     assert biases.mean().item() == pytest.approx(exact, rel=0.25)  # the bootstrap recovers the bias, roughly
-
-
-# --------------------------------------------------------------------------- reading the sweep's results
-
-
-def test_read_sweep_keeps_the_runs_with_both_files_and_names_what_is_missing(nb, tmp_path, capsys):
-    (tmp_path / "beta-1.json").write_text('{"final_test_negative_elbo": 100.5}')
-    (tmp_path / "beta-1.evaluation.json").write_text('{"active_units": 12}')
-    (tmp_path / "beta-2.json").write_text('{"final_test_negative_elbo": 105.0}')  # no evaluation: skipped
-    runs = nb["read_sweep"](tmp_path, ["beta-1", "beta-2", "fashion"])
-    assert runs == {"beta-1": ({"final_test_negative_elbo": 100.5}, {"active_units": 12})}
-    printed = capsys.readouterr().out
-    assert "beta-2.evaluation.json missing" in printed and "fashion.json and fashion.evaluation.json missing" in printed

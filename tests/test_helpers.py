@@ -1,9 +1,11 @@
 """Unit tests of the plumbing: settings, finding and checking the data, atomic writes (vae_helpers.py); check_run
 and unpack_fashion (tools/make_commands.py)."""
 
+import collections
 import errno
 import gzip
 import hashlib
+import json
 import os
 import struct
 
@@ -11,59 +13,38 @@ import make_commands
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vae_helpers as vh
 
-DEFAULTS = dict(EPOCHS=20, BATCH_SIZE=128, LATENT_DIM=20, LEARNING_RATE=1e-3, SEED=1234, DATA_DIR="data", OUT_DIR=".",
+DEFAULTS = dict(EPOCHS=20, BATCH_SIZE=128, LATENT_DIM=20, LEARNING_RATE=1e-3, SEED=1234, DATA_DIR="data",
+                OUT_DIR="outputs",
                 TRAIN_SUBSET=0, DEVICE="auto", DATASET="mnist", BETA=1.0, BINARIZE=False, RESUME=False)
-COMPANION_DEFAULTS = dict(OUT_DIR=".", DATA_DIR="data", DATASET="mnist", DEVICE="auto", IW_SAMPLES=1000,
-                          IW_TEST_IMAGES=1000)
 
 # --------------------------------------------------------------------------- settings
 
 
-def test_defaults_pass_through_as_a_config():
-    config = vh.read_config(DEFAULTS, {"PATH": "/bin"})
-    assert config.as_dict() == DEFAULTS and config.EPOCHS == 20 and config.DATASET == "mnist"
+def test_the_settings_are_read_by_name_from_a_namespace_and_take_their_types():
+    namespace = dict(DEFAULTS, BETA=2, BINARIZE="True", DATA_DIR="~/mnist", IW_SAMPLES=50, model=object(), x=1)
+    settings = vh.check_settings(namespace)  # as `globals()`: other variables are not settings
+    assert set(settings) == set(DEFAULTS) | {"IW_SAMPLES"} and settings["EPOCHS"] == 20
+    assert (settings["BETA"], settings["BINARIZE"]) == (2.0, True) and type(settings["BETA"]) is float
+    assert settings["DATA_DIR"] == os.path.expanduser("~/mnist")
 
 
-def test_environment_overrides_win_and_take_the_defaults_type():
-    environ = {"VAE_EPOCHS": " 3", "VAE_LEARNING_RATE": "5e-4", "VAE_BETA": "2", "VAE_RESUME": "yes",
-               "VAE_BINARIZE": "0", "VAE_DATASET": "fashion", "VAE_DATA_DIR": "~/mnist"}
-    config = vh.read_config(DEFAULTS, environ)
-    values = (config.EPOCHS, config.LEARNING_RATE, config.BETA, config.RESUME, config.BINARIZE, config.DATASET)
-    assert values == (3, 5e-4, 2.0, True, False, "fashion")
-    assert [type(v) for v in values] == [int, float, float, bool, bool, str]
-    assert config.DATA_DIR == os.path.expanduser("~/mnist")
-
-
-@pytest.mark.parametrize(("cell", "environ", "expected"), [
-    ({}, {"VAE_EPOCHS": "0"}, "environment variable VAE_EPOCHS='0' is invalid: EPOCHS must be a whole number >= 1"),
-    ({}, {"VAE_EPOCHS": "abc"}, "environment variable VAE_EPOCHS='abc'"),
-    ({}, {"VAE_BATCH_SIZE": "2.5"}, "environment variable VAE_BATCH_SIZE='2.5'"),
-    ({"EPOCHS": 2.0}, {}, "parameter EPOCHS=2.0 (from the parameters cell"),
-    ({"SEED": True}, {}, "parameter SEED=True (from the parameters cell"),
-    ({}, {"VAE_DEVICE": "tpu"}, "VAE_DEVICE='tpu' is invalid: DEVICE must be auto, cpu, cuda, cuda:N or mps"),
-    ({"DEVICE": "cuda:x"}, {}, "parameter DEVICE='cuda:x'"),
-    ({}, {"VAE_LEARNING_RATE": "nan"}, "VAE_LEARNING_RATE='nan' is invalid"),
-    ({}, {"VAE_RESUME": "maybe"}, "VAE_RESUME='maybe' is invalid: RESUME must be True or False"),
-    ({"EPOCH": 3}, {}, "Unknown setting(s) ['EPOCH']"),
-    ({}, {"VAE_EPOCH": "3"}, "Unknown setting(s) ['VAE_EPOCH']"),
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"EPOCHS": 0}, "EPOCHS = 0 is invalid: EPOCHS must be a whole number >= 1. Correct it in the parameters cell"),
+    ({"EPOCHS": 2.0}, "EPOCHS = 2.0 is invalid"),
+    ({"SEED": True}, "SEED = True is invalid"),
+    ({"BATCH_SIZE": "2.5"}, "BATCH_SIZE = '2.5' is invalid"),
+    ({"DEVICE": "tpu"}, "DEVICE = 'tpu' is invalid: DEVICE must be auto, cpu, cuda, cuda:N or mps"),
+    ({"LEARNING_RATE": float("nan")}, "LEARNING_RATE = nan is invalid"),
+    ({"RESUME": "maybe"}, "RESUME = 'maybe' is invalid: RESUME must be True or False"),
+    ({"IW_TEST_IMAGES": 99}, "IW_TEST_IMAGES = 99 is invalid: IW_TEST_IMAGES must be a whole number from 100"),
 ])
-def test_each_bad_value_names_the_setting_and_where_it_came_from(cell, environ, expected):
+def test_each_bad_value_names_the_setting_and_the_fix(change, expected):
     with pytest.raises(vh.ConfigError) as error:
-        vh.read_config(dict(DEFAULTS, **cell), environ)
-    assert expected in str(error.value)
-
-
-@pytest.mark.parametrize(("environ", "valid"), [({"VAE_IW_TEST_IMAGES": "99"}, False), ({}, True)])
-def test_the_companion_needs_at_least_100_test_images(environ, valid):
-    if valid:
-        assert vh.read_config(COMPANION_DEFAULTS, environ).IW_TEST_IMAGES == 1000
-    else:
-        with pytest.raises(vh.ConfigError, match="VAE_IW_TEST_IMAGES='99'.*from 100 to 10000"):
-            vh.read_config(COMPANION_DEFAULTS, environ)
+        vh.check_settings(dict(DEFAULTS, **change))
+    assert expected in str(error.value) and "papermill: -p" in str(error.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -124,14 +105,14 @@ def tiny_mnist(tmp_path, monkeypatch):
 
 
 def test_load_splits_gives_the_subset_and_a_seeded_binary_test_set(tiny_mnist):
-    config = vh.read_config(dict(DEFAULTS, DATA_DIR=str(tiny_mnist), TRAIN_SUBSET=4, BINARIZE=True, DEVICE="cpu"), {})
-    train, test, class_names = vh.load_splits(config, torch.device("cpu"), allow_download=False)
+    loaded = dict(DATA_DIR=str(tiny_mnist), DATASET="mnist", TRAIN_SUBSET=4, BINARIZE=True)
+    train, test, class_names = vh.load_splits(tiny_mnist, "mnist", torch.device("cpu"), 4, True, allow_download=False)
     pixels = np.frombuffer((tiny_mnist / "MNIST/raw/train-images-idx3-ubyte").read_bytes()[16:], np.uint8)
     assert torch.equal(train.images, torch.from_numpy(pixels[: 4 * 784] / np.float32(255)).reshape(4, 784))
     assert train.labels.dtype == torch.int64 and len(class_names) == 10
     assert test.images.shape == (3, 784) and set(test.images.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(test.images, vh.load_splits(config, torch.device("cpu"), allow_download=False)[1].images)
-    assert train.settings == test.settings == {name: config.as_dict()[name] for name in vh.DATA_SETTINGS}
+    again = vh.load_splits(tiny_mnist, "mnist", torch.device("cpu"), 4, True, allow_download=False)[1]
+    assert torch.equal(test.images, again.images) and train.settings == test.settings == loaded
 
 
 @pytest.mark.parametrize("allow_download", [False, True])
@@ -144,7 +125,7 @@ def test_missing_files_name_the_folder_and_why_nothing_was_fetched(tiny_mnist, m
     monkeypatch.setattr(datasets.MNIST, "download", no_network)
     (tiny_mnist / "MNIST/raw/t10k-labels-idx1-ubyte").unlink()
     why = "the download failed .*Name or service" if allow_download else "downloading is switched off"
-    with pytest.raises(vh.DataError, match=f"MNIST is not in {tiny_mnist / 'MNIST' / 'raw'} and {why}.*VAE_DATA_DIR"):
+    with pytest.raises(vh.DataError, match=f"MNIST is not in {tiny_mnist / 'MNIST' / 'raw'} and {why}.*set DATA_DIR"):
         vh.load_dataset(tiny_mnist, "mnist", "cpu", allow_download=allow_download)
 
 
@@ -208,9 +189,14 @@ def test_other_write_errors_propagate_unchanged(tmp_path, monkeypatch):
     assert error.value is injected and os.listdir(tmp_path) == []
 
 
-def test_an_image_grid_of_64_digits_is_242_pixels_square(tmp_path):
-    with Image.open(vh.save_image_grid(torch.rand(64, 784), tmp_path / "samples.png", nrow=8)) as image:
-        assert image.size == (242, 242) and image.format == "PNG"
+def test_read_sweep_keeps_the_runs_with_both_files(tmp_path):
+    (tmp_path / "beta-1.json").write_text('{"final_test_negative_elbo": 100.5}')
+    (tmp_path / "beta-1.evaluation.json").write_text('{"active_units": 12}')
+    (tmp_path / "beta-2.json").write_text('{"final_test_negative_elbo": 105.0}')  # no evaluation: not a result
+    (tmp_path / "beta-4.json").write_text('{"final_test_')  # cut short
+    (tmp_path / "beta-4.evaluation.json").write_text("{}")
+    runs = vh.read_sweep(["beta-1", "beta-2", "beta-4", "fashion"], tmp_path)
+    assert runs == {"beta-1": ({"final_test_negative_elbo": 100.5}, {"active_units": 12})}
 
 
 # --------------------------------------------------------------------------- check_run
@@ -219,8 +205,8 @@ def test_an_image_grid_of_64_digits_is_242_pixels_square(tmp_path):
 def test_check_run_accepts_a_finished_run_within_the_bound_only(tmp_path, capsys):
     with pytest.raises(SystemExit, match="lacks a finished, evaluated run"):
         make_commands.check_run(tmp_path, 101.5)
-    vh.write_json({"final_test_loss": 100.4}, tmp_path / "metrics.json")
-    vh.write_json({"importance_weighted": {"nll": 95.0, "K": 1000}}, tmp_path / "evaluation.json")
+    (tmp_path / "metrics.json").write_text(json.dumps({"final_test_loss": 100.4}))
+    (tmp_path / "evaluation.json").write_text(json.dumps({"importance_weighted": {"nll": 95.0, "K": 1000}}))
     with pytest.raises(SystemExit, match="lacks samples.png"):
         make_commands.check_run(tmp_path, 101.5)
     (tmp_path / "samples.png").write_bytes(b"png")
@@ -229,11 +215,11 @@ def test_check_run_accepts_a_finished_run_within_the_bound_only(tmp_path, capsys
         make_commands.check_run(tmp_path, 100)
 
 
-def test_fair_threads_counts_only_the_cores_this_process_may_use(tmp_path, monkeypatch):
-    stat = tmp_path / "stat"
-    monkeypatch.setattr(vh.FairThreads, "STAT", str(stat))
-    lines = ["cpu  900 0 900 0 0 0 0 0", "cpu0 100 0 100 0 0 0 0 0", "cpu1 800 0 800 0 0 0 0 0", "intr 5"]
-    stat.write_text("\n".join(lines) + "\n")
+def test_fair_threads_counts_only_the_cores_this_process_may_use(monkeypatch):
+    cpu = collections.namedtuple("scputimes", "user nice system idle iowait")
+    monkeypatch.setattr(vh.psutil, "cpu_times", lambda percpu: [cpu(1, 0, 1, 5, 3), cpu(8, 0, 8, 1, 0)])
     policy = vh.FairThreads()
-    policy.cpus = {0}  # as under `taskset -c 0`: cpu1's work is not competing with us
-    assert policy._sample()[1] * os.sysconf("SC_CLK_TCK") == 200
+    policy.cpus = [0]  # as under `taskset -c 0`: cpu1's work is not competing with us
+    assert policy._sample()[1] == 2  # user + system of cpu0: idle and iowait are not work
+    policy.cpus = [0, 1]
+    assert policy._sample()[1] == 18

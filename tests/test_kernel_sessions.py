@@ -5,12 +5,10 @@ in-order run, or stop with one line naming the cell to run.
 
 One kernel plays the cases in sequence, each leaving it as the in-order run left it; the last kills it mid-epoch,
 and a second kernel, in a folder that at first holds the notebook alone, resumes that run. Settings are injected
-as code after the parameters cell, as papermill does (not as VAE_* variables, which would override a changed
-value), in a quick configuration: 3 epochs on 4,000 images.
+as code after the parameters cell, as papermill does, in a quick configuration: 3 epochs on 4,000 images.
 """
 
 import json
-import os
 import queue
 import shutil
 
@@ -26,11 +24,11 @@ QUICK = {"EPOCHS": 3, "TRAIN_SUBSET": 4000}
 # A unique piece of the source of each cell run by name.
 CELLS = {
     "parameters": "EPOCHS: int =",
-    "settings": "config = vh.read_config(",
-    "model": "model = VAE(config.LATENT_DIM)",
+    "settings": "vh.check_settings(globals())  # the settings above",
+    "model": "model = VAE(LATENT_DIM)",
     "optimizer": "optimizer = torch.optim.Adam(",
-    "training": "history = vh.resume(",
-    "samples": "vh.save_image_grid(samples,",
+    "training": "history = vh.start_or_resume(",
+    "samples": "samples = model.decode(codes)",
 }
 # What a run leaves, as JSON: the kernel's history, weights and random stream, and the checkpoint's contents
 # (without the seconds each epoch took: the only numbers that may differ).
@@ -56,8 +54,7 @@ class Session:
     """A kernel running the walkthrough's cells in `folder` (the repository's, by default), like Jupyter does."""
 
     def __init__(self, out_dir, folder=REPO, **settings):
-        env = {name: value for name, value in os.environ.items() if not name.startswith("VAE_")}
-        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(folder), env=env)
+        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(folder))
         code = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
         self.sources = {}
         for name, piece in CELLS.items():

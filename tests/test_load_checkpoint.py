@@ -14,12 +14,16 @@ def tiny_checkpoint(path, epochs_done=3, **changes):
     history = [{"train_recon": 1.0, "train_kl": 1.0, "test_recon": 1.0, "test_kl": 1.0, "seconds": 1.0}] * epochs_done
     torch.save({"model": {}, "optimizer": {}, "rng": {}, "config": config, "history": history, "device": "cpu",
                 "run_id": "0123456789abcdef"}, path)
+    path.with_name("metrics.json").write_text('{"entropy_floor": 45.5}')  # the walkthrough's last cell writes it
     return path
 
 
-def test_a_finished_checkpoint_loads(tmp_path):
+def test_a_finished_checkpoint_loads_with_the_walkthroughs_metrics(tmp_path):
     state = vh.load_trained_checkpoint(tiny_checkpoint(tmp_path / "vae.pt"), "mnist")
-    assert len(state["history"]) == state["config"]["EPOCHS"] == 3
+    assert len(state["history"]) == state["config"]["EPOCHS"] == 3 and state["metrics"]["entropy_floor"] == 45.5
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(vh.CheckpointError, match="metrics.json is missing.*to its last cell"):
+        vh.load_trained_checkpoint(tmp_path / "vae.pt", "mnist")
 
 
 def test_no_checkpoint_names_the_walkthrough_to_run_first(tmp_path):
@@ -49,6 +53,6 @@ def test_an_unreadable_checkpoint_is_refused_without_running_its_code(tmp_path):
     torch.save({"model": {}, "config": {}}, path)
     with pytest.raises(vh.CheckpointError, match="lacks some of"):
         vh.load_trained_checkpoint(path, "mnist")
-    torch.save({"model": vh.Config}, path)  # a global: weights_only refuses it, so loading never runs a pickle's code
+    torch.save({"model": vh.Split}, path)  # a global: weights_only refuses it, so loading never runs a pickle's code
     with pytest.raises(vh.CheckpointError, match="truncated or corrupt"):
         vh.load_trained_checkpoint(path, "mnist")

@@ -17,9 +17,9 @@ from conftest import COMPANION, NOTEBOOK, data_root, execute_notebook
 # The parameters cells' defaults, as a reader sees them.
 DEFAULTS = {
     NOTEBOOK: {"EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234,
-               "DATA_DIR": "data", "OUT_DIR": ".", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist",
+               "DATA_DIR": "data", "OUT_DIR": "outputs", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist",
                "BETA": 1.0, "BINARIZE": False, "RESUME": False},
-    COMPANION: {"OUT_DIR": ".", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto", "IW_SAMPLES": 1000,
+    COMPANION: {"OUT_DIR": "outputs", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto", "IW_SAMPLES": 1000,
                 "IW_TEST_IMAGES": 1000},
 }
 QUICK_WALKTHROUGH = {"EPOCHS": 1, "TRAIN_SUBSET": 2000}
@@ -76,5 +76,4 @@ def test_walkthrough_then_companion_end_to_end_and_a_second_run_is_identical(tmp
     assert iw["nll"] < iw["elbo_loss_same_images"] + 4 * iw["standard_error"]  # -L_K is below the negative ELBO
     assert len(evaluation["kl_per_dimension"]) == state["config"]["LATENT_DIM"]
     assert evaluation["elbo_surgery"]["average_kl"] == pytest.approx(metrics["final_test_kl"], rel=1e-4)
-    assert evaluation["entropy_floor"] == pytest.approx(metrics["entropy_floor"])
     assert 0 < metrics["entropy_floor"] < metrics["final_test_recon"]

@@ -1,5 +1,5 @@
-"""The training cell's state, tested without a kernel: vh.resume / vh.save_checkpoint (the checkpoint is the truth),
-the cell-order checks, and that the thread count changes no bit (issue 16).
+"""The training cell's state, tested without a kernel: vh.start_or_resume / vh.save_checkpoint (the checkpoint is
+the truth), the cell-order checks, and that the thread count changes no bit (issue 16).
 
 The cells are re-enacted here in the walkthrough's pattern, with the notebook's own VAE (its layers swapped for tiny
 ones: the same forward code), train_one_epoch and evaluate, on 256 random 16-pixel images: a run is a blink.
@@ -16,33 +16,33 @@ import torch
 import vae_helpers as vh
 from conftest import NOTEBOOK, REPO, data_root
 
-CONFIG = vh.read_config(dict(EPOCHS=3, BATCH_SIZE=64, LATENT_DIM=2, LEARNING_RATE=1e-3, SEED=7, DATA_DIR="data",
-                             OUT_DIR=".", TRAIN_SUBSET=0, DEVICE="cpu", DATASET="mnist", BETA=1.0, BINARIZE=False,
-                             RESUME=False), {})
+# The parameters cell's variables, as the training cell passes them (globals()).
+CONFIG = dict(EPOCHS=3, BATCH_SIZE=64, LATENT_DIM=2, LEARNING_RATE=1e-3, SEED=7, DATA_DIR="data", OUT_DIR=".",
+              TRAIN_SUBSET=0, DEVICE="cpu", DATASET="mnist", BETA=1.0, BINARIZE=False, RESUME=False)
 PIXELS = 16
 
 
 def settings(**changes):
-    return vh.Config(**{**CONFIG.as_dict(), **changes})
+    return {**CONFIG, **changes}
 
 
 def data_cell(config=CONFIG):
     """Stand-in Splits (256 + 64 random images) carrying the data settings, as vh.load_splits returns them."""
     generator = torch.Generator().manual_seed(0)
-    loaded = {name: config.as_dict()[name] for name in vh.DATA_SETTINGS}
+    loaded = {name: config[name] for name in vh.DATA_SETTINGS}
     return (vh.Split(torch.rand(count, PIXELS, generator=generator), torch.zeros(count, dtype=torch.long), loaded)
             for count in (256, 64))
 
 
 def model_cell(nb, config=CONFIG):
     """The model cell (a tiny VAE), then the optimizer cell."""
-    torch.manual_seed(config.SEED)
-    model, hidden, latent = nb["VAE"](config.LATENT_DIM), 8, config.LATENT_DIM
+    torch.manual_seed(config["SEED"])
+    model, hidden, latent = nb["VAE"](config["LATENT_DIM"]), 8, config["LATENT_DIM"]
     for name, sizes in dict(enc1=(PIXELS, hidden), enc2=(hidden, hidden), enc_mu=(hidden, latent),
                             enc_log_var=(hidden, latent), dec1=(latent, hidden), dec2=(hidden, hidden),
                             dec3=(hidden, PIXELS)).items():
         setattr(model, name, torch.nn.Linear(*sizes))
-    return model, torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
+    return model, torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"], fused=True)
 
 
 def training_cell(nb, path, model, optimizer, config=CONFIG, interrupt_at_step=None):
@@ -59,13 +59,13 @@ def training_cell(nb, path, model, optimizer, config=CONFIG, interrupt_at_step=N
 
     optimizer.step = step
     try:
-        history = vh.resume(path, model, optimizer, config, train, test)
-        for _epoch in range(len(history) + 1, config.EPOCHS + 1):
-            train_recon, train_kl = nb["train_one_epoch"](model, optimizer, train.images, config.BATCH_SIZE,
-                                                          config.BETA, config.BINARIZE)
-            test_recon, test_kl = nb["evaluate"](model, test.images, config.BATCH_SIZE)
+        history = vh.start_or_resume(path, model, optimizer, config, train, test)
+        for _epoch in range(len(history) + 1, config["EPOCHS"] + 1):
+            train_recon, train_kl = nb["train_one_epoch"](model, optimizer, train.images, config["BATCH_SIZE"],
+                                                          config["BETA"], config["BINARIZE"])
+            test_recon, test_kl = nb["evaluate"](model, test.images, config["BATCH_SIZE"])
             history.append(dict(train_recon=train_recon, train_kl=train_kl, test_recon=test_recon, test_kl=test_kl))
-            vh.save_checkpoint(path, model, optimizer, config, history)
+            vh.save_checkpoint(path, model, optimizer, config["EPOCHS"], history)
     finally:
         del optimizer.step
     return history, steps
@@ -185,7 +185,7 @@ def test_a_changed_data_setting_names_the_data_cell(nb, tmp_path):
     training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1))
     train, test = data_cell(settings(EPOCHS=1))
     with pytest.raises(vh.NotebookOrderError, match=r"TRAIN_SUBSET: 0 -> 100\).*Run the data cell"):
-        vh.resume(tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1, TRAIN_SUBSET=100), train, test)
+        vh.start_or_resume(tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1, TRAIN_SUBSET=100), train, test)
     with pytest.raises(vh.NotebookOrderError, match="Run the data cell"):
         vh.require_trained(model, settings(EPOCHS=1, TRAIN_SUBSET=100), test)
 
@@ -200,7 +200,7 @@ def test_a_checkpoint_overwritten_by_another_run_is_refused(nb, tmp_path):
     model, optimizer = model_cell(nb, settings(EPOCHS=1))
     training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=1))
     other, other_optimizer = model_cell(nb, settings(EPOCHS=1))  # another notebook, the same OUT_DIR
-    vh.resume(tmp_path / "vae.pt", other, other_optimizer, settings(EPOCHS=1), *data_cell())
+    vh.start_or_resume(tmp_path / "vae.pt", other, other_optimizer, settings(EPOCHS=1), *data_cell())
     with pytest.raises(vh.CheckpointError, match="now holds another training run"):
         training_cell(nb, tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=2))
 
@@ -211,7 +211,7 @@ def test_a_nan_loss_is_not_saved_and_the_previous_checkpoint_is_kept(nb, tmp_pat
     before = (tmp_path / "vae.pt").read_bytes()
     history.append(dict(history[-1], train_recon=float("nan")))
     with pytest.raises(FloatingPointError, match=r"epoch 2 .*still holds epoch 1.*LEARNING_RATE"):
-        vh.save_checkpoint(tmp_path / "vae.pt", model, optimizer, settings(EPOCHS=2), history)
+        vh.save_checkpoint(tmp_path / "vae.pt", model, optimizer, 2, history)
     assert (tmp_path / "vae.pt").read_bytes() == before
 
 
@@ -245,7 +245,7 @@ for variant in ("1", "2", "switching"):
     hook = register_optimizer_step_pre_hook(switch)
     torch.manual_seed(1)
     model = nb["VAE"](20)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as the walkthrough builds it
     losses = nb["train_one_epoch"](model, optimizer, images, 128) + nb["evaluate"](model, images[:256], 128)
     hook.remove()
     weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()

@@ -1,20 +1,9 @@
 """The exercises, measured: for each configuration, the walkthrough trains and the companion evaluates.
 
-Each configuration in CONFIGURATIONS is the notebooks' defaults (their parameters cells) with a few settings
-changed. For each, papermill runs Variational_autoencoder.ipynb (it trains: metrics.json, vae.pt, figures), then
-Evaluating_a_trained_VAE.ipynb on that checkpoint (evaluation.json, figures), both with OUT_DIR = OUT/NAME, where
-the executed notebooks are kept too. Settings reach the notebooks only as papermill parameters: VAE_* variables,
-which would override them, are removed from the kernels' environment.
-
-Resumable: a configuration whose metrics.json and evaluation.json record the settings asked for is skipped. The
-walkthrough runs with RESUME = True, so an interrupted training continues from its checkpoint. A configuration
-that fails is reported by name; the others still run, and the exit status is 1.
-
-Then OUT/summary.md (one table) and OUT/rate_distortion.png (KL against reconstruction, grey-level MNIST runs);
-with --publish DIR, once every configuration is done, they and each run's metrics.json (as NAME.json),
-evaluation.json (as NAME.evaluation.json) and figures (as NAME.samples.png, ...) are copied into DIR.
-Fashion-MNIST is never downloaded: when DATA_DIR lacks it, Debian's dataset-fashion-mnist (apt-get install
-dataset-fashion-mnist) is unpacked into OUT/data.
+papermill runs both notebooks per configuration into OUT/NAME, with that configuration's settings as parameters; a
+configuration already done with those settings is skipped. Then OUT/summary.md and OUT/rate_distortion.png, and
+with --publish DIR, once every configuration is done, copies of them and of each run's JSON files and figures.
+CONTRIBUTING.md ("The sweep") says more.
 
     python tools/sweep.py --out build/sweep --data-dir data --publish results/sweep
     python tools/sweep.py --only beta-1,latent-2 --set EPOCHS=1 --set TRAIN_SUBSET=2000 --out build/quick-sweep
@@ -22,12 +11,10 @@ dataset-fashion-mnist) is unpacked into OUT/data.
 
 import argparse
 import ast
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -78,8 +65,9 @@ def show(name, value):
 
 
 def read_run(folder):
-    """(metrics.json, evaluation.json) of a configuration's folder; OSError or ValueError if either is missing."""
-    return tuple(json.loads((Path(folder) / name).read_text()) for name in FILES)
+    """(metrics.json, evaluation.json) of a configuration's folder; KeyError if either is missing or unreadable."""
+    folder = Path(folder)
+    return vh.read_sweep([folder.name], folder.parent, layout=[f"{{}}/{name}" for name in FILES])[folder.name]
 
 
 def is_complete(folder, wanted):
@@ -97,22 +85,25 @@ def is_complete(folder, wanted):
 
 
 def plan(out, data_dir="data", configurations=CONFIGURATIONS, common=None, notebooks=NOTEBOOKS):
-    """({name: its settings, checked by vh.read_config}, the defaults, checked); ConfigError for a bad setting."""
+    """({name: its settings, checked by vh.check_settings}, the defaults, checked); ConfigError for a bad setting."""
     defaults = {}
     for notebook in reversed(notebooks):  # the walkthrough's values win
         defaults.update(notebook_defaults(notebook))
     base = {**defaults, **(common or {}), "DATA_DIR": repo_path(data_dir), "RESUME": True}
     wanted = {}
     for name, settings in configurations.items():
+        unknown = sorted((set(common or {}) | set(settings)) - set(vh.SETTINGS))
+        if unknown:
+            raise vh.ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(vh.SETTINGS)}")
         try:
-            wanted[name] = vh.read_config({**base, **settings, "OUT_DIR": repo_path(Path(out) / name)}, {}).as_dict()
+            wanted[name] = vh.check_settings({**base, **settings, "OUT_DIR": repo_path(Path(out) / name)})
         except vh.ConfigError as error:
             raise vh.ConfigError(f"{name}: {error}") from None
-    return wanted, vh.read_config(defaults, {}).as_dict()
+    return wanted, vh.check_settings(defaults)
 
 
 def run_configuration(wanted, notebooks, folder):
-    """Run each notebook with its parameters (of `wanted`) into `folder`, in the repository, without VAE_* set."""
+    """Run each notebook with its parameters (of `wanted`) into `folder`, in the repository."""
     import papermill as pm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,14 +112,11 @@ def run_configuration(wanted, notebooks, folder):
     if wanted["DATASET"] == "fashion" and vh.missing_files(REPO / wanted["DATA_DIR"], "fashion"):
         wanted = {**wanted, "DATA_DIR": repo_path(folder.parent / "data")}  # never downloaded: Debian's, unpacked
         make_commands.unpack_fashion(REPO / wanted["DATA_DIR"])
-    with mock.patch.dict(os.environ):  # restored afterwards
-        for name in [name for name in os.environ if name.startswith(vh.ENV_PREFIX)]:
-            del os.environ[name]
-        for notebook in notebooks:
-            parameters = {name: wanted[name] for name in notebook_defaults(notebook)}
-            pm.execute_notebook(str(notebook), str(folder / Path(notebook).name), parameters=parameters,
-                                cwd=str(REPO), progress_bar=False, log_output=False,
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    for notebook in notebooks:
+        parameters = {name: wanted[name] for name in notebook_defaults(notebook)}
+        pm.execute_notebook(str(notebook), str(folder / Path(notebook).name), parameters=parameters,
+                            cwd=str(REPO), progress_bar=False, log_output=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
 def run_sweep(out, data_dir="data", configurations=CONFIGURATIONS, common=None, only=None, notebooks=NOTEBOOKS):
@@ -141,9 +129,6 @@ def run_sweep(out, data_dir="data", configurations=CONFIGURATIONS, common=None, 
         raise ValueError(f"no configuration {', '.join(unknown)}; there are {', '.join(configurations)}")
     out = Path(out)
     wanted, defaults = plan(out, data_dir, configurations, common, notebooks)
-    ignored = sorted(name for name in os.environ if name.startswith(vh.ENV_PREFIX))
-    if ignored:
-        print(f"note: {', '.join(ignored)} ignored (settings are papermill parameters: use --set NAME=VALUE)")
     runs, failed = {}, {}
     for name, settings in wanted.items():
         folder = out / name
@@ -173,7 +158,7 @@ def run_sweep(out, data_dir="data", configurations=CONFIGURATIONS, common=None, 
     if figure is None:
         (out / FIGURE).unlink(missing_ok=True)
     else:
-        vh.save_figure(figure, out / FIGURE)
+        figure.savefig(out / FIGURE, bbox_inches="tight")
     return runs, failed
 
 
@@ -243,8 +228,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="configurations: " + "; ".join(
         f"{name} ({', '.join(show(*item) for item in s.items()) or 'defaults'})" for name, s in CONFIGURATIONS.items()))
     parser.add_argument("--out", default="build/sweep", help="the runs, summary.md and the figure (build/sweep)")
-    parser.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "data"),
-                        help="where MNIST is, and Fashion-MNIST if there ($VAE_DATA_DIR, else data)")
+    parser.add_argument("--data-dir", default="data", help="where MNIST is, and Fashion-MNIST if there")
     parser.add_argument("--only", nargs="+", metavar="NAME[,NAME]", help="run only these (the summary shows all done)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for every configuration, e.g. --set EPOCHS=1 (repeatable)")
