@@ -12,7 +12,7 @@ REPRODUCE_DIR ?= build/reproduce
 MAX_TEST_LOSS ?= 101.5
 # Execute headless, in order, with no per-cell timing metadata in the result.
 EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
-	--ExecutePreprocessor.record_timing=False
+	--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.store_widget_state=False
 # Settings other than the defaults reach a notebook as papermill parameters (-p NAME value), and only so.
 PAPERMILL := $(BIN)/papermill --no-progress-bar --cwd .
 

@@ -4,7 +4,8 @@ A scratch folder gets copies of both notebooks (outputs cleared), of vae_helpers
 results the companion reads, each notebook with the quick configuration and one OUT_DIR as papermill's parameters
 cell; JupyterLab serves it on 127.0.0.1. The test opens the walkthrough, clicks *Run > Run All Cells*,
 waits for the kernel and checks the page: every code cell numbered, no error shown, every figure loaded, MathJax
-rendered every equation and left no raw TeX. Then the same with the companion, which evaluates the checkpoint
+rendered every equation and left no raw TeX; then it drags a latent-space slider and waits for the decoded digit to
+change. Then the same with the companion, which evaluates the checkpoint
 the walkthrough just wrote. On failure a screenshot and the server log are saved in the test's tmp_path.
 
 Chromium is Debian's (`apt-get install chromium`): Playwright's own browser download cannot work offline.
@@ -237,10 +238,32 @@ def problems(cells, path):
     return found
 
 
+def drag_a_latent_slider(page):
+    """Drag the first latent slider's handle to the right, as a reader does: [] if the decoded digit changed."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    image, handle = panel.locator("img.widget-image").first, panel.locator(".widget-slider .noUi-handle").first
+    try:
+        handle.scroll_into_view_if_needed(timeout=PAGE_TIMEOUT)
+        before, box = image.get_attribute("src"), handle.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] / 2 + 60, box["y"] + box["height"] / 2, steps=6)
+        page.mouse.up()
+        page.wait_for_function("before => document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) "
+                               "img.widget-image').src !== before", arg=before, timeout=30_000, polling=250)
+        return []
+    except PlaywrightError as error:
+        return [f"dragging a latent slider did not change the decoded digit: {error.message.splitlines()[0]}"]
+
+
 def test_run_all_cells_in_jupyterlab(page, lab_server, tmp_path):  # `page` first: it may skip
     for path in (NOTEBOOK, COMPANION):  # in one JupyterLab and one OUT_DIR: the companion reads the checkpoint
         cells, failure = run_all(page, lab_server, path.name)
         found = [failure] if failure else problems(cells, lab_server["root"] / path.name)
+        if path == NOTEBOOK and not found:
+            found = drag_a_latent_slider(page)
         if found:
             page.screenshot(path=tmp_path / "screenshot.png", full_page=True)
             pytest.fail(f"{path.name}: " + "\n".join(found) + f"\nscreenshot: {tmp_path / 'screenshot.png'}; "
