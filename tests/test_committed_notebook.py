@@ -118,3 +118,18 @@ def test_the_sweep_results_back_what_the_walkthrough_shows_and_quotes():
     answers = "\n".join(re.findall(r"<details>(.*?)</details>", markdown, re.DOTALL))
     quoted = set(re.findall(r"(?<![\d.])\d+\.\d(?![\d])", answers))
     assert quoted and quoted <= values, sorted(quoted - values)
+
+
+def test_the_numbers_the_walkthrough_quotes_are_those_of_the_committed_files():
+    """The companion's bound on the committed run, and the beta-0 comparison, as the walkthrough's text quotes them."""
+    text = " ".join(" ".join("".join(c["source"]) for c in load(NOTEBOOK)["cells"] if c["cell_type"] == "markdown")
+                    .split())
+    iw = load(OUTPUTS / "evaluation.json")["importance_weighted"]
+    assert f"is {iw['nll']:.1f} nats, {iw['elbo_loss_same_images'] - iw['nll']:.1f} below their negative ELBO" in text
+    sweep = REPO / "results" / "sweep"
+    rec0, rec1 = (load(sweep / f"{name}.json")["final_test_recon"] for name in ("beta-0", "beta-1"))
+    kl0, kl1 = (load(sweep / f"{name}.evaluation.json")["marginal_kl_gaussian_lower_bound"]
+                for name in ("beta-0", "beta-1"))
+    assert f"better ({rec0:.1f} nats against {rec1:.1f})" in text
+    assert f"at least {kl0:.0f} nats from $\\mathcal{{N}}(0, I)$, against {kl1:.2f}." in text
+
