@@ -77,6 +77,8 @@ data: setup  ## make sure the data set is in $(DATA_DIR), verified (downloads th
 	$(BIN)/python tools/make_commands.py fetch $(DATA_DIR) $(DATASET)
 
 run: data  ## the main job: execute the walkthrough, then the companion, in place at their defaults; outputs/ holds the results
+	@test "$(DATA_DIR)" = data || { echo "make run executes the notebooks as committed, which read ./data:" \
+		"link your copy there (ln -s $(DATA_DIR) data) and run make run without DATA_DIR"; exit 1; }
 	$(EXECUTE) --inplace $(NOTEBOOK)
 	$(EXECUTE) --inplace $(COMPANION)
 

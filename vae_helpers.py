@@ -5,9 +5,8 @@ Each guarantee the notebooks make is one mechanism here, and nothing runs at imp
   torch setup   configure_torch: deterministic kernels, the same bits at any thread count, no slow-down from
                 subnormal numbers, and fewer threads while other programs keep the cores busy (FairThreads)
   data          load_splits: MNIST or Fashion-MNIST, SHA-256 verified, as tensors
-  checkpoints   start_or_resume / save_checkpoint: the checkpoint is the truth; the training cell always continues
-                from the last completed epoch in it (after an interrupt, an error or a restart with RESUME alike);
-                written atomically, so a failed write never replaces a good checkpoint
+  checkpoints   start_or_resume / save_checkpoint: the checkpoint, written atomically, is the truth; the training
+                cell always continues from its last completed epoch (after an interrupt, an error or a restart)
   cell order    require_trained, NotebookOrderError: a cell run out of order names the cell to run
   companion     load_trained_checkpoint, load_notebook_definitions (the walkthrough's definitions), read_sweep
 """
@@ -25,6 +24,7 @@ import os
 import platform
 import secrets
 import shutil
+import tempfile
 import time
 import warnings
 import weakref
@@ -61,27 +61,14 @@ SETTINGS = {
     "RESUME": (bool, lambda v: True, "True or False"),
     # the companion notebook's own
     "IW_SAMPLES": (int, lambda v: v >= 1, "a whole number >= 1"),
-    # its bound is compared with the ELBO within 4 standard errors, estimated from the images: a handful of
-    # images gives a noisy standard error and a test that fails by chance
+    # the bound's check uses a standard error over these images: a handful would make it fail by chance
     "IW_TEST_IMAGES": (int, lambda v: 100 <= v <= 10_000, "a whole number from 100 to 10000"),
 }
 
-# Settings that change the numbers a training run produces: a checkpoint continues only with the same ones.
-# EPOCHS is not among them: raising it continues the same run.
+# Settings that change a training run's numbers: a checkpoint continues only with the same (raising EPOCHS continues)
 RUN_SETTINGS = ("BATCH_SIZE", "LATENT_DIM", "LEARNING_RATE", "SEED", "TRAIN_SUBSET", "DATASET", "BETA", "BINARIZE")
 DATA_SETTINGS = ("DATA_DIR", "DATASET", "TRAIN_SUBSET", "BINARIZE")  # what the loaded tensors depend on
-
-
-def _convert(raw, kind):
-    """`raw` as `kind`; ValueError if it is not one (papermill's -p gives 'True', 1 or 1.0 as typed)."""
-    if kind is bool and not isinstance(raw, bool):
-        text = str(raw).strip().lower()
-        if text not in ("1", "true", "0", "false"):
-            raise ValueError(raw)
-        return text in ("1", "true")
-    if kind is int and isinstance(raw, bool | float):
-        raise ValueError(raw)  # 2.0 or True for a count hides a typo
-    return kind(raw.strip() if isinstance(raw, str) else raw)
+BINARIZED_TEST_SEED = 20_161_105  # the one binary draw of the test set when BINARIZE
 
 
 def check_settings(namespace):
@@ -89,15 +76,13 @@ def check_settings(namespace):
     values = {}
     for name in [name for name in SETTINGS if name in namespace]:
         kind, check, accepts = SETTINGS[name]
-        try:
-            value = _convert(namespace[name], kind)
-            valid = check(value)
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
+        value = namespace[name]
+        if kind is float and type(value) is int:  # papermill's -p BETA 4 gives an int
+            value = float(value)
+        if type(value) is not kind or not check(value):  # 2.0 or True for a count, or 1 for a flag, hides a typo
             raise ConfigError(f"{name} = {namespace[name]!r} is invalid: {name} must be {accepts}. Correct it in "
                               f"the parameters cell (papermill: -p {name} <value>), then run it and the next cells.")
-        values[name] = str(Path(value).expanduser()) if name.endswith("_DIR") else value
+        values[name] = value
     return values
 
 
@@ -108,14 +93,14 @@ def device_available(name):
     """True if this machine has the device `name` ('cpu', 'cuda', 'cuda:1', 'mps')."""
     if name.startswith("cuda"):  # 'cuda:N' needs N GPUs or more
         return torch.cuda.is_available() and int(name.partition(":")[2] or 0) < torch.cuda.device_count()
-    return name == "cpu" or (name == "mps" and torch.backends.mps.is_available())
+    return name == "cpu" or (name in ("mps", "mps:0") and torch.backends.mps.is_available())
 
 
 def choose_device(name):
     """Resolve 'auto' to cuda, then mps, then cpu; refuse an explicit device that is not available."""
     if name == "auto":
-        return torch.device(next(n for n in ("cuda", "mps", "cpu") if device_available(n)))
-    if not device_available(name):
+        name = next(n for n in ("cuda", "mps", "cpu") if device_available(n))
+    elif not device_available(name):
         raise ConfigError(f"DEVICE={name!r}, but this machine has no such device. Use DEVICE='auto' or 'cpu'.")
     return torch.device(name)
 
@@ -123,15 +108,12 @@ def choose_device(name):
 class FairThreads:
     """Lower torch's CPU thread count while other processes keep the cores busy; restore it when they stop.
 
-    PyTorch's OpenMP threads spin while they wait for each other: alone that is fastest, but beside another busy
-    process a spinning thread takes turns from the thread it waits for, and an epoch can take four times longer.
-    Reads the load of the cores this process may use through psutil (Linux, macOS, Windows). Called before every
-    optimizer step.
-    """
+    PyTorch's OpenMP threads spin while they wait for each other: beside another busy process a spinning thread
+    takes turns from the thread it waits for, and an epoch can take four times longer. Reads the load of this
+    process's cores through psutil (Linux, macOS, Windows), before every optimizer step."""
 
     def __init__(self, interval=0.5):
-        process = psutil.Process()
-        # the cores this process may run on: all of them, or those a cpuset or taskset left it (not on macOS)
+        process = psutil.Process()  # its cores: all, or those a cpuset or taskset left it (no affinity on macOS)
         self.cpus = process.cpu_affinity() if hasattr(process, "cpu_affinity") else range(psutil.cpu_count())
         self.max_threads, self.cores, self.interval = torch.get_num_threads(), len(self.cpus), interval
         self._last = self._sample()
@@ -218,12 +200,10 @@ def cpu_name():
 
 def prepare_out_dir(path):
     """Create the output folder and prove it is writable now, not after training."""
-    out = Path(path)
+    out = Path(path).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
         raise OSError(f"OUT_DIR {str(out)!r} cannot be written to ({err.strerror or err}). Point OUT_DIR at a "
                       "writable folder; nothing was trained or written.") from err
@@ -232,21 +212,19 @@ def prepare_out_dir(path):
 
 # --------------------------------------------------------------------------- data
 
-# (bytes, SHA-256) of the four uncompressed files of each data set, as published.
-MNIST_FILES = {
-    "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    "t10k-images-idx3-ubyte": (7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    "t10k-labels-idx1-ubyte": (10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+# DATASET -> (torchvision class and folder name, {file: (bytes, SHA-256)} of its four uncompressed files, as published)
+DATASETS = {
+    "mnist": ("MNIST", {
+        "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+        "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+        "t10k-images-idx3-ubyte": (7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        "t10k-labels-idx1-ubyte": (10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2")}),
+    "fashion": ("FashionMNIST", {
+        "train-images-idx3-ubyte": (47040016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        "train-labels-idx1-ubyte": (60008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        "t10k-images-idx3-ubyte": (7840016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        "t10k-labels-idx1-ubyte": (10008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34")}),
 }
-FASHION_MNIST_FILES = {
-    "train-images-idx3-ubyte": (47040016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-    "train-labels-idx1-ubyte": (60008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-    "t10k-images-idx3-ubyte": (7840016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-    "t10k-labels-idx1-ubyte": (10008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
-}
-# DATASET -> (torchvision class and folder name, expected files)
-DATASETS = {"mnist": ("MNIST", MNIST_FILES), "fashion": ("FashionMNIST", FASHION_MNIST_FILES)}
 
 
 class DataError(RuntimeError):
@@ -285,10 +263,9 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
             raise DataError(f"{folder} is not in {raw} and {problem}. Copy its four files there ({', '.join(files)}; "
                             "uncompressed), or set DATA_DIR to the folder that holds <Name>/raw/.")
     for name, (size, sha256) in files.items():
-        with open(raw / name, "rb") as handle:
-            path, digest = raw / name, hashlib.file_digest(handle, "sha256").hexdigest()
-        if path.stat().st_size != size or digest != sha256:
-            raise DataError(f"{path} is not the published file (size or SHA-256 differs: truncated or altered). "
+        data = (raw / name).read_bytes()
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise DataError(f"{raw / name} is not the published file (size or SHA-256 differs: truncated or altered). "
                             f"Training did not start. Delete it and run again to download it, or point DATA_DIR at "
                             f"a verified copy. Expected {size:,} bytes, SHA-256 {sha256}.")
     splits = []
@@ -303,22 +280,18 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
 def load_splits(data_dir, dataset, device, train_subset=0, binarize=False, allow_download=True):
     """The training and test Splits: the first `train_subset` training images (0: all); with `binarize`, the test
     set binarized once, seeded (on the CPU: the same on every device). Also the class names."""
-    data_dir = str(Path(data_dir).expanduser())
-    train, test, class_names = load_dataset(data_dir, dataset, device, allow_download)
+    train, test, class_names = load_dataset(str(Path(data_dir).expanduser()), dataset, device, allow_download)
     if train_subset:
         train = Split(train.images[:train_subset], train.labels[:train_subset])
-    if binarize:
-        drawn = torch.bernoulli(test.images.cpu(), generator=torch.Generator().manual_seed(0))
+    if binarize:  # a seed of its own (evaluate's test-set noise uses seed 0), drawn on the CPU
+        drawn = torch.bernoulli(test.images.cpu(), generator=torch.Generator().manual_seed(BINARIZED_TEST_SEED))
         test = Split(drawn.to(device), test.labels)
-    train.settings = test.settings = dict(DATA_DIR=data_dir, DATASET=dataset, TRAIN_SUBSET=train_subset,
+    train.settings = test.settings = dict(DATA_DIR=str(data_dir), DATASET=dataset, TRAIN_SUBSET=train_subset,
                                           BINARIZE=binarize)
     return train, test, class_names
 
 
 # --------------------------------------------------------------------------- files
-
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})  # full disk or quota
-
 
 class DiskFullError(OSError):
     """Writing into OUT_DIR failed because its disk is full or over quota."""
@@ -338,7 +311,7 @@ def write_bytes_atomically(data, path):
             os.fsync(handle.fileno())  # a full disk on network file systems and quotas may show only here
         os.replace(temp, target)
     except OSError as err:
-        if err.errno not in DISK_FULL_ERRNOS:
+        if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):  # a full disk, or over quota
             raise
         temp.unlink(missing_ok=True)  # before measuring the free space
         free = shutil.disk_usage(target.parent).free
@@ -370,7 +343,7 @@ MODEL_CELL = "the model cell (`model = VAE(...)`)"
 OPTIMIZER_CELL = "the optimizer cell (`optimizer = ...`)"
 TRAINING_CELL = "the training cell (`for epoch in ...`)"
 
-_runs = weakref.WeakKeyDictionary()  # model -> what its training run is: {"path", "run_id", "config", "epochs"}
+_runs = weakref.WeakKeyDictionary()  # model -> its training run: {"path", "run_id", "settings", "epochs"}
 
 
 def _rng_state():
@@ -384,6 +357,7 @@ def _rng_state():
 
 
 def _set_rng_state(state):
+    """Restore what _rng_state saved."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -395,6 +369,8 @@ def read_checkpoint(path, fix):
     """torch.load a checkpoint safely (weights_only) and check its entries; CheckpointError ending with `fix`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # missing, or not readable
+        raise CheckpointError(f"Cannot read checkpoint {path} ({err.strerror or err}). {fix}") from err
     except Exception as err:  # a truncated zip, random bytes, or a pickle with disallowed globals
         raise CheckpointError(f"Cannot read checkpoint {path}: it is truncated or corrupt ({err}). {fix}") from err
     if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
@@ -450,7 +426,7 @@ def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
             changed = "; ".join(filter(None, [changed, f"device: {state['device']!r} -> {here!r}"]))
         if changed:
             raise CheckpointError(f"Checkpoint {path} was made with other settings ({changed}). {fix}")
-        run = _runs[model] = {"path": path, "run_id": state["run_id"], "settings": state["config"]}
+        run = _runs[model] = {"path": path, "run_id": state["run_id"], "settings": state["config"]}  # the run's own
         print(f"resuming from {path} after epoch {len(state['history'])}")
     elif run is None:  # a new run: the model cell has just built `model`
         if settings["RESUME"]:
@@ -459,9 +435,9 @@ def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
         run = _runs[model] = {"path": path, "run_id": secrets.token_hex(8), "settings": settings}
         save_checkpoint(path, model, optimizer, settings["EPOCHS"], [])
         return []
-    elif run["path"] != path:
-        raise NotebookOrderError(f"This model's training run writes to {run['path']}, not {path}: OUT_DIR changed. "
-                                 f"Run {MODEL_CELL} and the cells after it, in order.")
+    elif run["path"] != path or not path.exists():
+        raise NotebookOrderError(f"This model's training run was saved in {run['path']}, which is gone or is not "
+                                 f"{path} (OUT_DIR changed). Run {MODEL_CELL} and the cells after it, in order.")
     state = state or read_checkpoint(path, fix)
     if state["run_id"] != run["run_id"]:
         raise CheckpointError(f"{path} now holds another training run (another notebook or process wrote it). "
@@ -483,7 +459,9 @@ def save_checkpoint(checkpoint_path, model, optimizer, epochs, history):
             f"The loss became nan or inf in epoch {len(history)} ({history[-1]}). That epoch was not saved; "
             f"{checkpoint_path} still holds epoch {len(history) - 1}. Try a smaller LEARNING_RATE (the default is "
             "1e-3), and check that the data is in [0, 1].")
-    run = _runs[model]
+    run = _runs.get(model)
+    if run is None:
+        raise NotebookOrderError(f"`model` has no training run: start it with {TRAINING_CELL}.")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
              "config": run["settings"] | {"EPOCHS": epochs}, "history": history,
              "device": str(next(model.parameters()).device), "run_id": run["run_id"]}
@@ -534,7 +512,7 @@ def load_trained_checkpoint(path, dataset):
 # --------------------------------------------------------------------------- tools
 
 
-HERE = Path(__file__).resolve().parent  # the project folder: the notebooks and results/sweep are beside this file
+HERE = Path(__file__).resolve().parent  # the project folder
 WALKTHROUGH = HERE / "Variational_autoencoder.ipynb"
 SWEEP_DIR = HERE / "results" / "sweep"  # what `make sweep` publishes: NAME.json, NAME.evaluation.json, figures
 

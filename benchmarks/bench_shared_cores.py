@@ -107,7 +107,7 @@ def main():
     alone = seconds["fair", "alone"] / quiet
     worst = max(seconds["fair", label] for label in NEIGHBOURS) / (2 * quiet)
     print(f"\nFairThreads alone / default alone = {alone:.2f}x  (target: within noise, about 1.0x)")
-    print(f"FairThreads with a second job / fair share = {worst:.2f}x at worst  "
+    print(f"FairThreads beside either busy job / fair share = {worst:.2f}x at worst  "
           f"(target <= 1.3x: {'met' if worst <= 1.3 else 'NOT met'})")
 
 

@@ -239,7 +239,12 @@ def main(argv=None):
     only = args.only and [name for text in args.only for name in text.split(",") if name]
     if any("=" not in item for item in args.set):
         parser.error("--set takes NAME=VALUE")
-    common = dict(item.split("=", 1) for item in args.set)
+    common = {}
+    for name, text in (item.split("=", 1) for item in args.set):
+        try:  # a Python literal, as papermill's -p reads values: EPOCHS=1, BINARIZE=True, DATASET='fashion'
+            common[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            common[name] = text  # a bare word: a string, such as DATASET=fashion
     try:
         runs, failed = run_sweep(args.out, args.data_dir, CONFIGURATIONS, common, only, args.notebooks)
     except ValueError as error:  # vh.ConfigError included
