@@ -143,9 +143,10 @@ MKL_CBWR_AUTO_STRICT = 0x10002  # what mkl_cbwr_get reports for MKL_CBWR=AUTO,ST
 
 def mkl_cbwr_mode():
     """MKL's reproducibility mode (mkl_cbwr_get), fixing it by MKL's first call; None if torch has no MKL."""
-    try:
-        mode = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_cbwr_get
-    except (OSError, AttributeError):
+    try:  # libtorch_cpu.so, .dylib or .dll
+        library = next((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*"))
+        mode = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
+    except (StopIteration, OSError, AttributeError):
         return None
     torch.ones(2, 2) @ torch.ones(2, 2)  # MKL reads MKL_CBWR at its first call
     return mode(-1)
@@ -159,7 +160,8 @@ def configure_torch(fair_threads=True):
     # MKL's conditional numerical reproducibility: its matrix products give the same bits at any thread count. MKL
     # reads this when it first computes, so it must be set before the first matrix product (checked below).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-    if mkl_cbwr_mode() not in (None, MKL_CBWR_AUTO_STRICT):  # None: torch without MKL; then nothing to promise
+    mode = mkl_cbwr_mode()
+    if mode not in (None, MKL_CBWR_AUTO_STRICT):  # None: torch without MKL; then nothing to promise
         cause = ("a matrix product ran before configure_torch" if os.environ["MKL_CBWR"] == "AUTO,STRICT" else
                  f"the environment sets MKL_CBWR={os.environ['MKL_CBWR']!r}")
         warnings.warn(f"MKL is not in its AUTO,STRICT mode ({cause}): results may change with the thread count. "
@@ -174,7 +176,7 @@ def configure_torch(fair_threads=True):
         hook.remove()
         torch.set_num_threads(policy.max_threads)
         _fair_threads = None
-    if fair_threads:
+    if fair_threads and mode is not None:  # without MKL the bits may change with the thread count: keep it fixed
         policy = FairThreads()
         _fair_threads = policy, register_optimizer_step_pre_hook(policy.adjust)
 
@@ -522,7 +524,7 @@ def read_sweep(names, folder=SWEEP_DIR, layout=("{}.json", "{}.evaluation.json")
     runs = {}
     for name in names:
         paths = [Path(folder) / pattern.format(name) for pattern in layout]
-        with contextlib.suppress(OSError, ValueError):  # missing or unfinished: not a result
+        with contextlib.suppress(FileNotFoundError):  # missing: not a result (a damaged file raises)
             runs[name] = tuple(json.loads(path.read_text()) for path in paths)
     return runs
 

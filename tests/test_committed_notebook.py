@@ -124,13 +124,14 @@ def test_the_numbers_the_walkthrough_quotes_are_those_of_the_committed_files():
     text = " ".join(" ".join("".join(c["source"]) for c in load(NOTEBOOK)["cells"] if c["cell_type"] == "markdown")
                     .split())
     iw = load(OUTPUTS / "evaluation.json")["importance_weighted"]
-    assert f"is {iw['nll']:.1f} nats, {iw['elbo_loss_same_images'] - iw['nll']:.1f} below their negative ELBO" in text
+    assert (f"is {iw['nll']:.1f} nats, {iw['elbo_loss_same_images'] - iw['nll']:.1f} below their negative ELBO of "
+            f"{iw['elbo_loss_same_images']:.1f}") in text
     sweep = REPO / "results" / "sweep"
     rec0, rec1 = (load(sweep / f"{name}.json")["final_test_recon"] for name in ("beta-0", "beta-1"))
     kl0, kl1 = (load(sweep / f"{name}.evaluation.json")["marginal_kl_gaussian_lower_bound"]
                 for name in ("beta-0", "beta-1"))
     assert f"better ({rec0:.1f} nats against {rec1:.1f})" in text
-    assert f"at least {kl0:.0f} nats from $\\mathcal{{N}}(0, I)$, against {kl1:.2f}." in text
+    assert f"at least {kl0:.1f} nats from $\\mathcal{{N}}(0, I)$, against {kl1:.2f}." in text
 
 
 def test_the_readme_quotes_the_committed_run():
@@ -140,4 +141,15 @@ def test_the_readme_quotes_the_committed_run():
             f"{metrics['final_test_kl']:.1f}") in readme
     assert f"**{iw['nll']:.1f}** (negative ELBO on those images: {iw['elbo_loss_same_images']:.1f})" in readme
     assert f"| {metrics['entropy_floor']:.1f} |" in readme and f"| {metrics['train_seconds']:.0f} s |" in readme
+    evaluation = load(OUTPUTS / "evaluation.json")
+    assert f"{evaluation['active_units']} / {evaluation['active_units_burda']} of 20" in readme
+    assert f"move it by {evaluation['test_loss_redraw_sd']:.2f} nats" in readme
+    number = r" \| ([\d.]+)"
+    rows = re.findall(r"^\| `([\w.-]+)`: .*" + number * 4 + r" \| (\d+) / (\d+) \|$", readme, re.M)
+    assert len(rows) == 10  # the sweep's table: each row as results/sweep has it
+    for name, *quoted in rows:
+        run, ev = (load(REPO / "results" / "sweep" / f"{name}.{kind}") for kind in ("json", "evaluation.json"))
+        assert quoted == [f"{run['final_test_recon']:.1f}", f"{run['final_test_kl']:.1f}",
+                          f"{run['final_test_negative_elbo']:.1f}", f"{ev['importance_weighted']['nll']:.1f}",
+                          str(ev["active_units"]), str(ev["active_units_burda"])], name
 

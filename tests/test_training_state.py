@@ -271,6 +271,8 @@ def test_the_thread_count_changes_no_bit(tmp_path):
              "strict conditional numerical reproducibility (MKL_CBWR=AUTO,STRICT, which vh.configure_torch sets "
              "before the first matrix product) a product's last bits may depend on the thread count, as they do on "
              "Intel Xeons with AVX-512; without MKL (another BLAS) nothing promises they do not.")
+    if report["mode"] is None:
+        pytest.skip("torch has no MKL here: nothing promises the same bits at any thread count (README)")
     assert report["mode"] == vh.MKL_CBWR_AUTO_STRICT, f"MKL's strict CNR mode is off. {cause}"
     differing = [v for v in ("2", "switching") if report["results"][v] != report["results"]["1"]]
     assert not differing, f"{' and '.join(differing)} thread(s) gave other losses or weights than 1 thread. {cause}"

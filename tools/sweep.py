@@ -12,6 +12,7 @@ CONTRIBUTING.md ("The sweep") says more.
 import argparse
 import ast
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def run_sweep(out, data_dir="data", configurations=CONFIGURATIONS, common=None, 
         metrics, evaluation = runs[name] = read_run(folder)
         print(f"{name}: {done}: rec {metrics['final_test_recon']:.1f}, KL {metrics['final_test_kl']:.1f}, "
               f"-L_K {evaluation['importance_weighted']['nll']:.1f}", flush=True)
-    vh.write_bytes_atomically(summary_markdown(runs, defaults).encode(), out / SUMMARY)
+    (out / SUMMARY).write_text(summary_markdown(runs, defaults))
     figure = rate_distortion_figure(runs)
     if figure is None:
         (out / FIGURE).unlink(missing_ok=True)
@@ -220,7 +221,7 @@ def publish(out, names, target):
               for file, published in FILES.items()]
     pairs += [(Path(out) / name / file, target / f"{name}.{file}") for name in names for file in FIGURES
               if (Path(out) / name / file).is_file()]
-    return [vh.write_bytes_atomically(source.read_bytes(), copy) for source, copy in pairs]
+    return [shutil.copyfile(source, copy) for source, copy in pairs]
 
 
 def main(argv=None):
