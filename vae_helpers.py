@@ -28,6 +28,7 @@ import tempfile
 import time
 import warnings
 import weakref
+import zlib
 from pathlib import Path
 
 import psutil
@@ -69,6 +70,11 @@ SETTINGS = {
 RUN_SETTINGS = ("BATCH_SIZE", "LATENT_DIM", "LEARNING_RATE", "SEED", "TRAIN_SUBSET", "DATASET", "BETA", "BINARIZE")
 DATA_SETTINGS = ("DATA_DIR", "DATASET", "TRAIN_SUBSET", "BINARIZE")  # what the loaded tensors depend on
 BINARIZED_TEST_SEED = 20_161_105  # the one binary draw of the test set when BINARIZE
+
+
+def seed_for(seed, purpose):
+    """A seed of its own for each purpose ("training", "samples", ...), made from SEED: no stream reuses another's."""
+    return zlib.crc32(f"{seed}/{purpose}".encode())
 
 
 def check_settings(namespace):
@@ -408,7 +414,7 @@ def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
 
     The checkpoint is the single truth: a model that has started training here continues from the last epoch
     saved in `checkpoint_path`, whatever happened since (an interrupt, an error); so does RESUME = True after a
-    restart. Otherwise a new run starts: torch is seeded with SEED and epoch 0 is saved, which an interrupted first
+    restart. Otherwise a new run starts: torch is seeded from SEED and epoch 0 is saved, which an interrupted first
     epoch goes back to. Cells run out of order raise NotebookOrderError.
     """
     settings = check_settings(namespace)
@@ -433,7 +439,7 @@ def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
     elif run is None:  # a new run: the model cell has just built `model`
         if settings["RESUME"]:
             print(f"RESUME is set but there is no {path}: training from the start")
-        torch.manual_seed(settings["SEED"])  # the random streams of training start here, whatever ran before
+        torch.manual_seed(seed_for(settings["SEED"], "training"))  # not SEED itself: that drew the weights
         run = _runs[model] = {"path": path, "run_id": secrets.token_hex(8), "settings": settings}
         save_checkpoint(path, model, optimizer, settings["EPOCHS"], [])
         return []
@@ -523,9 +529,8 @@ def read_sweep(names, folder=SWEEP_DIR, layout=("{}.json", "{}.evaluation.json")
     """{name: (metrics.json, evaluation.json)} for each run of `names` whose two files are in `folder`."""
     runs = {}
     for name in names:
-        paths = [Path(folder) / pattern.format(name) for pattern in layout]
         with contextlib.suppress(FileNotFoundError):  # missing: not a result (a damaged file raises)
-            runs[name] = tuple(json.loads(path.read_text()) for path in paths)
+            runs[name] = tuple(json.loads((Path(folder) / pattern.format(name)).read_text()) for pattern in layout)
     return runs
 
 
@@ -533,10 +538,8 @@ def load_notebook_definitions(notebook_path=WALKTHROUGH, tag="definitions", name
     """Run a notebook's top-level imports and its cells tagged `tag` in `namespace` (default: a new dict)."""
     notebook = json.loads(Path(notebook_path).read_text())
     namespace = {"__name__": "notebook_definitions"} if namespace is None else namespace
-    for cell in notebook["cells"]:
+    for cell in (cell for cell in notebook["cells"] if cell["cell_type"] == "code"):
         source = "".join(cell["source"])
-        if cell["cell_type"] != "code":
-            continue
         if tag in cell.get("metadata", {}).get("tags", []):
             exec(compile(source, f"{notebook_path}:{tag}", "exec"), namespace)
         else:  # other cells do work: only their imports, including those inside a top-level `try`

@@ -122,6 +122,14 @@ def test_an_interrupted_run_continues_bit_identically(nb, straight, tmp_path):
     vh.require_trained(model, CONFIG, *data_cell())
 
 
+def test_training_draws_from_a_stream_of_its_own_not_the_weights_one(nb, tmp_path):
+    model, optimizer = model_cell(nb)  # SEED drew the initial weights
+    vh.start_or_resume(tmp_path / "vae.pt", model, optimizer, CONFIG, *data_cell())
+    first_draws = torch.randn(8)  # epoch 1's first batch order and noise come from here
+    torch.manual_seed(CONFIG["SEED"])
+    assert not torch.equal(first_draws, torch.randn(8))
+
+
 def test_running_the_cell_again_when_done_trains_nothing(nb, straight, tmp_path, capsys):
     model, optimizer = model_cell(nb)
     training_cell(nb, tmp_path / "vae.pt", model, optimizer)
