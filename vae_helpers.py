@@ -70,6 +70,7 @@ SETTINGS = {
 RUN_SETTINGS = ("BATCH_SIZE", "LATENT_DIM", "LEARNING_RATE", "SEED", "TRAIN_SUBSET", "DATASET", "BETA", "BINARIZE")
 DATA_SETTINGS = ("DATA_DIR", "DATASET", "TRAIN_SUBSET", "BINARIZE")  # what the loaded tensors depend on
 BINARIZED_TEST_SEED = 20_161_105  # the one binary draw of the test set when BINARIZE
+BINARIZED_TRAIN_SEED = 1  # the one binary draw of training images scored as the test set is, when BINARIZE
 
 
 def seed_for(seed, purpose):
@@ -102,10 +103,10 @@ def device_available(name):
     return name == "cpu" or (name in ("mps", "mps:0") and torch.backends.mps.is_available())
 
 
-def choose_device(name):
-    """Resolve 'auto' to cuda, then mps, then cpu; refuse an explicit device that is not available."""
+def choose_device(name, prefer=None):
+    """Resolve 'auto' to `prefer` if this machine has it, else cuda, then mps, then cpu; refuse an absent device."""
     if name == "auto":
-        name = next(n for n in ("cuda", "mps", "cpu") if device_available(n))
+        name = next(n for n in (prefer, "cuda", "mps", "cpu") if n and device_available(n))
     elif not device_available(name):
         raise ConfigError(f"DEVICE={name!r}, but this machine has no such device. Use DEVICE='auto' or 'cpu'.")
     return torch.device(name)
@@ -182,7 +183,7 @@ def configure_torch(fair_threads=True):
         hook.remove()
         torch.set_num_threads(policy.max_threads)
         _fair_threads = None
-    if fair_threads and mode is not None:  # without MKL the bits may change with the thread count: keep it fixed
+    if fair_threads and mode == MKL_CBWR_AUTO_STRICT:  # only then are the bits the same at any thread count
         policy = FairThreads()
         _fair_threads = policy, register_optimizer_step_pre_hook(policy.adjust)
 
@@ -285,15 +286,22 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
     return splits[0], splits[1], list(ds.classes)
 
 
+def binarized_once(images, seed):
+    """One fixed binary draw of `images` (pixel i is 1 with probability x_i), on the CPU: the same on any device."""
+    return torch.bernoulli(images.cpu(), generator=torch.Generator().manual_seed(seed)).to(images.device)
+
+
 def load_splits(data_dir, dataset, device, train_subset=0, binarize=False, allow_download=True):
     """The training and test Splits: the first `train_subset` training images (0: all); with `binarize`, the test
     set binarized once, seeded (on the CPU: the same on every device). Also the class names."""
     train, test, class_names = load_dataset(str(Path(data_dir).expanduser()), dataset, device, allow_download)
+    if train_subset > len(train.images):
+        raise ConfigError(f"TRAIN_SUBSET = {train_subset} is more than the {len(train.images):,} training images of "
+                          f"{dataset}. Set it to 0 (all) or fewer in the parameters cell, then run the cells in order.")
     if train_subset:
         train = Split(train.images[:train_subset], train.labels[:train_subset])
-    if binarize:  # a seed of its own (evaluate's test-set noise uses seed 0), drawn on the CPU
-        drawn = torch.bernoulli(test.images.cpu(), generator=torch.Generator().manual_seed(BINARIZED_TEST_SEED))
-        test = Split(drawn.to(device), test.labels)
+    if binarize:
+        test = Split(binarized_once(test.images, BINARIZED_TEST_SEED), test.labels)
     train.settings = test.settings = dict(DATA_DIR=str(data_dir), DATASET=dataset, TRAIN_SUBSET=train_subset,
                                           BINARIZE=binarize)
     return train, test, class_names
@@ -409,14 +417,10 @@ def _check_cells(settings, model, splits):
 
 
 def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
-    """Start a training run, or continue one: the history of the epochs done, with the model, optimizer and random
-    streams as they were after them. The settings are read by name from `namespace` (the notebook's `globals()`).
+    """The epochs done (a list), with model, optimizer and random streams as after the last; settings from `namespace`.
 
-    The checkpoint is the single truth: a model that has started training here continues from the last epoch
-    saved in `checkpoint_path`, whatever happened since (an interrupt, an error); so does RESUME = True after a
-    restart. Otherwise a new run starts: torch is seeded from SEED and epoch 0 is saved, which an interrupted first
-    epoch goes back to. Cells run out of order raise NotebookOrderError.
-    """
+    The checkpoint is the truth: a started run (or RESUME = True) continues from its last saved epoch, whatever
+    happened since; a new run seeds torch from SEED and saves epoch 0. Cells out of order raise NotebookOrderError."""
     settings = check_settings(namespace)
     if {id(p) for group in optimizer.param_groups for p in group["params"]} != {id(p) for p in model.parameters()}:
         raise NotebookOrderError(f"`optimizer` belongs to another `model`: {MODEL_CELL} was run after the optimizer "
@@ -492,28 +496,33 @@ def require_trained(model, namespace, *splits):
                                  f"epochs: run {TRAINING_CELL} first.")
 
 
+def read_finished_checkpoint(path):
+    """The checkpoint of a finished training run; CheckpointError, saying what to do, if missing or interrupted."""
+    path, walkthrough = Path(path), WALKTHROUGH.name
+    state = read_checkpoint(path, f"Run {walkthrough} (make run) with this OUT_DIR, or set OUT_DIR to its folder.")
+    if len(state["history"]) < state["config"]["EPOCHS"]:
+        raise CheckpointError(f"Checkpoint {path} holds {len(state['history'])} of its {state['config']['EPOCHS']} "
+                              f"epochs: training was interrupted. Run the training cell of {walkthrough} again to "
+                              "finish it (after a restart: with RESUME = True and the same OUT_DIR).")
+    return state
+
+
 def load_trained_checkpoint(path, dataset):
-    """A finished training run's checkpoint, for evaluation; CheckpointError saying what to do instead."""
-    path = Path(path)
-    walkthrough = "Variational_autoencoder.ipynb"
-    if not path.is_file():
-        raise CheckpointError(f"There is no checkpoint {path}: this notebook evaluates a trained model. Run "
-                              f"{walkthrough} first (make run) with the same OUT_DIR, or set OUT_DIR to its folder.")
-    state = read_checkpoint(path, f"Train again: run {walkthrough} with this OUT_DIR ({path.parent}).")
+    """A finished run's checkpoint on `dataset`, with the metrics.json of that run, for evaluation; CheckpointError."""
+    state, metrics_path, walkthrough = read_finished_checkpoint(path), Path(path).with_name("metrics.json"), WALKTHROUGH
     trained = state["config"]
-    if len(state["history"]) < trained["EPOCHS"]:
-        raise CheckpointError(f"Checkpoint {path} holds {len(state['history'])} of its {trained['EPOCHS']} epochs: "
-                              f"training was interrupted. Run {walkthrough}'s training cell again, or run it with "
-                              "RESUME = True and the same OUT_DIR, then this notebook.")
     if trained["DATASET"] != dataset:
         raise CheckpointError(f"Checkpoint {path} was trained on DATASET={trained['DATASET']!r}, but this notebook "
                               f"is set to DATASET={dataset!r}. Set DATASET = {trained['DATASET']!r}, or point "
                               "OUT_DIR at a run trained on it.")
     try:  # the walkthrough's last cell writes metrics.json beside the checkpoint: the run's measured numbers
-        state["metrics"] = json.loads(path.with_name("metrics.json").read_text())
+        state["metrics"] = json.loads(metrics_path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path.with_name('metrics.json')} is missing or unreadable ({err}): run "
-                              f"{walkthrough} to its last cell with this OUT_DIR, then this notebook.") from None
+        raise CheckpointError(f"{metrics_path} is missing or unreadable ({err}): run {walkthrough} to its last cell "
+                              "with this OUT_DIR, then this notebook.") from None
+    if state["metrics"].get("history") != state["history"]:  # written by an earlier run
+        raise CheckpointError(f"{metrics_path} is from another training run than {path}: run {walkthrough} to its "
+                              "last cell with this OUT_DIR, then this notebook.")
     return state
 
 
@@ -523,14 +532,17 @@ def load_trained_checkpoint(path, dataset):
 HERE = Path(__file__).resolve().parent  # the project folder
 WALKTHROUGH = HERE / "Variational_autoencoder.ipynb"
 SWEEP_DIR = HERE / "results" / "sweep"  # what `make sweep` publishes: NAME.json, NAME.evaluation.json, figures
+PUBLISHED = {"metrics.json": "{}.json", "evaluation.json": "{}.evaluation.json"}  # a run's files: names in SWEEP_DIR
 
 
-def read_sweep(names, folder=SWEEP_DIR, layout=("{}.json", "{}.evaluation.json")):
-    """{name: (metrics.json, evaluation.json)} for each run of `names` whose two files are in `folder`."""
+def read_sweep(names, folder=SWEEP_DIR):
+    """{name: (metrics.json, evaluation.json)} for each run of `names` whose NAME.json and NAME.evaluation.json are in
+    `folder`; a damaged file raises."""
     runs = {}
     for name in names:
-        with contextlib.suppress(FileNotFoundError):  # missing: not a result (a damaged file raises)
-            runs[name] = tuple(json.loads((Path(folder) / pattern.format(name)).read_text()) for pattern in layout)
+        paths = [Path(folder) / file.format(name) for file in PUBLISHED.values()]
+        with contextlib.suppress(FileNotFoundError):  # missing: not a result
+            runs[name] = tuple(json.loads(path.read_text()) for path in paths)
     return runs
 
 

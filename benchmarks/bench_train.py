@@ -1,7 +1,7 @@
 """Benchmark: the walkthrough's default training at a baseline revision beside a candidate, side by side in one run.
 
 Each run executes one tree's whole Variational_autoencoder.ipynb headless (papermill; parameters EPOCHS, DATA_DIR,
-OUT_DIR, TRAIN_SUBSET; no VAE_* variables) and reads from its metrics.json the seconds of every epoch (one training
+OUT_DIR, TRAIN_SUBSET) and reads from its metrics.json the seconds of every epoch (one training
 epoch plus the test-set evaluation) and the final test loss. Runs alternate baseline, candidate, baseline, ...,
 one at a time. The floor: only the matrix products of one epoch (forward and backward over the training images in
 batches of 128, a forward pass over the 10,000 test images), torch.mm on the candidate's trained weights.
@@ -10,13 +10,12 @@ Targets: the candidate no slower than the baseline (all epochs, best of the repe
 median epoch <= 2.0x the floor.
 Run: python benchmarks/bench_train.py --baseline REV [--candidate REV] [--epochs 20] [--repeats 2]
 [--train-subset 0] [--data-dir data]; the candidate is the working tree (uncommitted changes included) unless
-given. `make bench BASELINE=e7daf69` does this. Run it alone: a second CPU job distorts it.
+given; a baseline from b7da75d on. `make bench BASELINE=b7da75d` does this. Run it alone: a second CPU job distorts it.
 """
 
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -47,18 +46,6 @@ def checkout(rev, scratch):
     return tree, label
 
 
-def epoch_seconds(metrics, executed):
-    """Seconds of each epoch: history is a list of dicts (now) or a dict of lists (older revisions)."""
-    history = metrics["history"]
-    if isinstance(history, list):
-        return [epoch["seconds"] for epoch in history]
-    if "seconds" in history:
-        return history["seconds"]
-    # e7daf69 and its time keep only the total (train_seconds); their epoch lines print each epoch to 0.1 s
-    text = "".join(out.get("text", "") for cell in executed.cells for out in cell.get("outputs", []))
-    return [float(s) for s in re.findall(r"^epoch +\d+/\d+ .* ([\d.]+) s$", text.replace("\r", "\n"), re.M)]
-
-
 def run_notebook(tree, args, scratch):
     """Execute `tree`'s walkthrough once in a fresh OUT_DIR: (OUT_DIR, epoch seconds, total seconds, test loss)."""
     import papermill
@@ -68,10 +55,10 @@ def run_notebook(tree, args, scratch):
     params = dict(EPOCHS=args.epochs, DATA_DIR=args.data_dir, OUT_DIR=str(out_dir), TRAIN_SUBSET=args.train_subset)
     notebook, output = str(tree / NOTEBOOK), str(run_dir / NOTEBOOK)
     kernel = dict(cwd=str(tree), kernel_name="python3", progress_bar=False)
-    executed = papermill.execute_notebook(notebook, output, parameters=params, **kernel)
+    papermill.execute_notebook(notebook, output, parameters=params, **kernel)
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    seconds = epoch_seconds(metrics, executed)
-    return out_dir, seconds, metrics.get("train_seconds", sum(seconds)), metrics["final_test_loss"]
+    seconds = [epoch["seconds"] for epoch in metrics["history"]]
+    return out_dir, seconds, metrics["train_seconds"], metrics["final_test_loss"]
 
 
 def forward(w, x):
@@ -113,8 +100,7 @@ def floor_worker(tree, checkpoint, data_dir, train_subset):
     sys.path.insert(0, str(tree))
     import vae_helpers as vh
 
-    if hasattr(vh, "configure_torch"):  # the notebook's arithmetic (it sets MKL_CBWR: hence a process of its own)
-        vh.configure_torch(fair_threads=False)
+    vh.configure_torch(fair_threads=False)  # the notebook's arithmetic (it sets MKL_CBWR: a process of its own)
     state = torch.load(checkpoint, weights_only=True)["model"]
     w = {name.removesuffix(".weight"): value for name, value in state.items() if name.endswith(".weight")}
     train, test, _ = vh.load_dataset(data_dir, "mnist", torch.device("cpu"), allow_download=False)
@@ -125,7 +111,7 @@ def floor_worker(tree, checkpoint, data_dir, train_subset):
 def main():
     """Run baseline and candidate in turn, then the floor; print the table and the targets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", metavar="REV", help="git revision to compare against, e.g. HEAD or e7daf69")
+    parser.add_argument("--baseline", metavar="REV", help="git revision to compare against, e.g. HEAD or b7da75d")
     parser.add_argument("--candidate", metavar="REV", help="git revision to time (default: the working tree)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
@@ -138,8 +124,6 @@ def main():
         return floor_worker(*args.floor, args.data_dir, args.train_subset)
     if not args.baseline:
         parser.error("--baseline REV is required")
-    for name in [name for name in os.environ if name.startswith("VAE_")]:
-        del os.environ[name]  # older revisions read VAE_* overrides: every kernel gets only the parameters here
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
         sides = {"baseline": checkout(args.baseline, scratch), "candidate": checkout(args.candidate, scratch)}
         runs = {side: [] for side in sides}

@@ -7,6 +7,7 @@ They are added when pytest runs its testpaths (`python -m pytest`, `make test`).
 never download. The data folder is --data-dir (the Makefile passes DATA_DIR), else the repository's `data`.
 """
 
+import os
 import shutil
 import sys
 import tempfile
@@ -17,10 +18,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "Variational_autoencoder.ipynb"
 COMPANION = REPO / "Evaluating_a_trained_VAE.ipynb"
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as configure_torch sets it, before MKL's first call fixes it
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # the command-line tools, importable as modules
 import vae_helpers as vh  # noqa: E402
 
+# The parameters cells' defaults, as a reader sees them.
+DEFAULTS = {
+    NOTEBOOK: {"EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234,
+               "DATA_DIR": "data", "OUT_DIR": "outputs", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist",
+               "BETA": 1.0, "BINARIZE": False, "RESUME": False},
+    COMPANION: {"OUT_DIR": "outputs", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto", "IW_SAMPLES": 1000,
+                "IW_TEST_IMAGES": 1000},
+}
 # The quick configuration of the fast tier (nbval), as papermill parameters; each notebook takes those it has.
 QUICK_SETTINGS = {"EPOCHS": 1, "TRAIN_SUBSET": 2000, "IW_SAMPLES": 50, "IW_TEST_IMAGES": 100}
 NBVAL_DIR = REPO / "build" / "nbval"

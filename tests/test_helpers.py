@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import vae_helpers as vh
+from conftest import DEFAULTS as NOTEBOOK_DEFAULTS
+from conftest import NOTEBOOK
 
-DEFAULTS = dict(EPOCHS=20, BATCH_SIZE=128, LATENT_DIM=20, LEARNING_RATE=1e-3, SEED=1234, DATA_DIR="data",
-                OUT_DIR="outputs",
-                TRAIN_SUBSET=0, DEVICE="auto", DATASET="mnist", BETA=1.0, BINARIZE=False, RESUME=False)
+DEFAULTS = NOTEBOOK_DEFAULTS[NOTEBOOK]  # the walkthrough's settings
 
 # --------------------------------------------------------------------------- settings
 
@@ -61,8 +61,7 @@ def test_a_cuda_index_beyond_the_gpus_is_refused(monkeypatch):
     assert vh.device_available("cuda") and vh.device_available("cuda:1") and not vh.device_available("cuda:2")
 
 
-@pytest.mark.filterwarnings("ignore")
-@pytest.mark.skipif(vh.mkl_cbwr_mode() is None, reason="torch without MKL: configure_torch starts no FairThreads")
+@pytest.mark.skipif(vh.mkl_cbwr_mode() != vh.MKL_CBWR_AUTO_STRICT, reason="no strict MKL: no FairThreads")
 def test_the_setup_cell_run_again_restores_the_thread_count_fair_threads_lowered():
     threads = torch.get_num_threads()
     try:
@@ -115,6 +114,8 @@ def test_load_splits_gives_the_subset_and_a_seeded_binary_test_set(tiny_mnist):
     assert test.images.shape == (3, 784) and set(test.images.unique().tolist()) <= {0.0, 1.0}
     again = vh.load_splits(tiny_mnist, "mnist", torch.device("cpu"), 4, True, allow_download=False)[1]
     assert torch.equal(test.images, again.images) and train.settings == test.settings == loaded
+    with pytest.raises(vh.ConfigError, match="TRAIN_SUBSET = 6 is more than the 5 training images"):
+        vh.load_splits(tiny_mnist, "mnist", torch.device("cpu"), 6, allow_download=False)
 
 
 @pytest.mark.parametrize("allow_download", [False, True])

@@ -2,6 +2,8 @@
 instead, in milliseconds, on tiny checkpoints written here. (Whole runs of the companion: test_papermill.py, nbval.)
 """
 
+import json
+
 import pytest
 import torch
 
@@ -14,22 +16,26 @@ def tiny_checkpoint(path, epochs_done=3, **changes):
     history = [{"train_recon": 1.0, "train_kl": 1.0, "test_recon": 1.0, "test_kl": 1.0, "seconds": 1.0}] * epochs_done
     torch.save({"model": {}, "optimizer": {}, "rng": {}, "config": config, "history": history, "device": "cpu",
                 "run_id": "0123456789abcdef"}, path)
-    path.with_name("metrics.json").write_text('{"entropy_floor": 45.5}')  # the walkthrough's last cell writes it
+    metrics = {"entropy_floor": 45.5, "history": history}  # as the walkthrough's last cell writes it
+    path.with_name("metrics.json").write_text(json.dumps(metrics))
     return path
 
 
-def test_a_finished_checkpoint_loads_with_the_walkthroughs_metrics(tmp_path):
+def test_a_finished_checkpoint_loads_with_the_walkthroughs_metrics_of_that_run(tmp_path):
     state = vh.load_trained_checkpoint(tiny_checkpoint(tmp_path / "vae.pt"), "mnist")
     assert len(state["history"]) == state["config"]["EPOCHS"] == 3 and state["metrics"]["entropy_floor"] == 45.5
+    (tmp_path / "metrics.json").write_text('{"entropy_floor": 189.9, "history": []}')  # an earlier run's
+    with pytest.raises(vh.CheckpointError, match="metrics.json is from another training run"):
+        vh.load_trained_checkpoint(tmp_path / "vae.pt", "mnist")
     (tmp_path / "metrics.json").unlink()
     with pytest.raises(vh.CheckpointError, match="metrics.json is missing.*to its last cell"):
         vh.load_trained_checkpoint(tmp_path / "vae.pt", "mnist")
 
 
 def test_no_checkpoint_names_the_walkthrough_to_run_first(tmp_path):
-    with pytest.raises(vh.CheckpointError, match="no checkpoint") as error:
+    with pytest.raises(vh.CheckpointError, match="Cannot read checkpoint .*No such file") as error:
         vh.load_trained_checkpoint(tmp_path / "vae.pt", "mnist")
-    assert "Variational_autoencoder.ipynb first" in str(error.value) and "OUT_DIR" in str(error.value)
+    assert "Run Variational_autoencoder.ipynb" in str(error.value) and "OUT_DIR" in str(error.value)
 
 
 def test_an_interrupted_training_says_how_to_finish_it(tmp_path):

@@ -12,18 +12,9 @@ import pytest
 from PIL import Image
 
 import vae_helpers as vh
-from conftest import COMPANION, NOTEBOOK, data_root, execute_notebook
+from conftest import COMPANION, DEFAULTS, NOTEBOOK, QUICK_SETTINGS, data_root, execute_notebook
 
-# The parameters cells' defaults, as a reader sees them.
-DEFAULTS = {
-    NOTEBOOK: {"EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234,
-               "DATA_DIR": "data", "OUT_DIR": "outputs", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist",
-               "BETA": 1.0, "BINARIZE": False, "RESUME": False},
-    COMPANION: {"OUT_DIR": "outputs", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto", "IW_SAMPLES": 1000,
-                "IW_TEST_IMAGES": 1000},
-}
-QUICK_WALKTHROUGH = {"EPOCHS": 1, "TRAIN_SUBSET": 2000}
-QUICK_COMPANION = {"IW_SAMPLES": 50, "IW_TEST_IMAGES": 100}
+QUICK_WALKTHROUGH, QUICK_COMPANION = ({k: v for k, v in QUICK_SETTINGS.items() if k in DEFAULTS[nb]} for nb in DEFAULTS)
 LOOSE_BOUND = 300.0  # nats: one epoch on 2,000 images is far from the defaults' 101.5, but well below this
 # The only entries of metrics.json that identical runs may differ in: times, and OUT_DIR (in "config").
 NOT_RESULTS = ("train_seconds", "config", "history")

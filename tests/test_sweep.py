@@ -129,7 +129,7 @@ def test_figure_has_one_labelled_point_per_grey_level_mnist_run(runs):
     assert sweep.rate_distortion_figure({"fashion": runs["fashion"]}) is None
 
 
-def test_publish_copies_exactly_the_summary_the_figure_and_each_runs_json_and_figures(tmp_path, runs):
+def test_publish_replaces_the_folder_with_the_summary_the_figure_and_each_runs_json_and_figures(tmp_path, runs):
     out = tmp_path
     (out / "summary.md").write_text("table")
     (out / "rate_distortion.png").write_bytes(b"\x89PNG")
@@ -137,6 +137,13 @@ def test_publish_copies_exactly_the_summary_the_figure_and_each_runs_json_and_fi
     (out / "beta-1" / "loss_curves.png").write_bytes(b"curves")  # nor is this figure
     (out / "beta-1" / "samples.png").write_bytes(b"samples")
     (out / "fashion" / "reconstructions.png").write_bytes(b"reconstructions")
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "beta-4.json").write_text("{}")  # an earlier publish: replaced as a whole
+    with pytest.MonkeyPatch.context() as patch:  # a publish that fails half-way leaves the published folder as it was
+        patch.setattr(sweep.shutil, "copyfile", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError):
+            sweep.publish(out, ["beta-1", "fashion"], tmp_path / "published")
+    assert [path.name for path in (tmp_path / "published").iterdir()] == ["beta-4.json"]
     sweep.publish(out, ["beta-1", "fashion"], tmp_path / "published")
     published = {path.name: path.read_bytes() for path in (tmp_path / "published").iterdir()}
     assert published == {"summary.md": b"table", "rate_distortion.png": b"\x89PNG",

@@ -32,7 +32,6 @@ def unpack_fashion(data_dir, debian_dir=DEBIAN_FASHION):
     return raw
 
 
-
 def check_run(out_dir, max_test_loss):
     """SystemExit with the reason unless `out_dir` holds a finished, evaluated run within the test-loss bound."""
     out = Path(out_dir)

@@ -11,6 +11,7 @@ CONTRIBUTING.md ("The sweep") says more.
 
 import argparse
 import ast
+import json
 import os
 import shutil
 import sys
@@ -42,7 +43,6 @@ CONFIGURATIONS = {  # name (its folder): the settings that differ from the noteb
 }
 # The settings that define a run: one made with other OUT_DIR, DATA_DIR, DEVICE or RESUME is the same run.
 COMPARED = ("EPOCHS", *vh.RUN_SETTINGS, "IW_SAMPLES", "IW_TEST_IMAGES")
-FILES = {"metrics.json": "{}.json", "evaluation.json": "{}.evaluation.json"}  # a run's files: their published names
 FIGURES = ("samples.png", "reconstructions.png", "manifold.png")  # published as NAME.samples.png, ..., where made
 SUMMARY, FIGURE = "summary.md", "rate_distortion.png"
 
@@ -66,9 +66,8 @@ def show(name, value):
 
 
 def read_run(folder):
-    """(metrics.json, evaluation.json) of a configuration's folder; KeyError if either is missing or unreadable."""
-    folder = Path(folder)
-    return vh.read_sweep([folder.name], folder.parent, layout=[f"{{}}/{name}" for name in FILES])[folder.name]
+    """(metrics.json, evaluation.json) of a configuration's folder; OSError if missing, ValueError if damaged."""
+    return tuple(json.loads((Path(folder) / file).read_text()) for file in vh.PUBLISHED)
 
 
 def is_complete(folder, wanted):
@@ -213,15 +212,25 @@ def rate_distortion_figure(runs):
 
 
 def publish(out, names, target):
-    """Copy summary.md, the figure (if any), each run's JSON files and figures, under their published names."""
+    """Copy summary.md, the figure (if any), each run's JSON files and figures, under their published names, into a
+    new folder that then replaces `target`: an interrupted or failed publish leaves the old results whole."""
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    pairs = [(Path(out) / file, target / file) for file in (SUMMARY, FIGURE) if (Path(out) / file).is_file()]
-    pairs += [(Path(out) / name / file, target / published.format(name)) for name in names
-              for file, published in FILES.items()]
-    pairs += [(Path(out) / name / file, target / f"{name}.{file}") for name in names for file in FIGURES
+    staging, old = (target.with_name(f".{target.name}.{kind}") for kind in ("new", "old"))
+    for folder in (staging, old):
+        shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted publish
+    staging.mkdir(parents=True)
+    pairs = [(Path(out) / file, file) for file in (SUMMARY, FIGURE) if (Path(out) / file).is_file()]
+    pairs += [(Path(out) / name / file, published.format(name)) for name in names
+              for file, published in vh.PUBLISHED.items()]
+    pairs += [(Path(out) / name / file, f"{name}.{file}") for name in names for file in FIGURES
               if (Path(out) / name / file).is_file()]
-    return [shutil.copyfile(source, copy) for source, copy in pairs]
+    for source, copy in pairs:
+        shutil.copyfile(source, staging / copy)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return [target / copy for _, copy in pairs]
 
 
 def main(argv=None):
