@@ -97,7 +97,7 @@ test-full: data  ## the slow tier (several minutes): real kernels, a browser, th
 lint: dev  ## ruff and nbstripout through pre-commit, on every file
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
-# `make bench BASELINE=e7daf69` times the working tree against that revision.
+# `make bench BASELINE=b7da75d` times the working tree against that revision.
 BASELINE ?= HEAD
 bench: data  ## the walkthrough's default training, working tree vs $(BASELINE), and against the matmul floor; then beside a second job
 	$(BIN)/python benchmarks/bench_train.py --baseline $(BASELINE) --data-dir $(DATA_DIR)
