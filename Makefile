@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOK := Variational_autoencoder.ipynb
-# The companion: evaluates the walkthrough's checkpoint (OUT_DIR/vae.pt), writes evaluation.json and its figures.
+# The companion: evaluates the walkthrough's trained model (OUT_DIR/model.pt), writes evaluation.json and figures.
 COMPANION := Evaluating_a_trained_VAE.ipynb
 # Where the data is (make DATA_DIR=... or the environment); the notebooks get it as a papermill parameter.
 DATA_DIR ?= data
 DATASET ?= mnist
 REPRODUCE_DIR ?= build/reproduce
-MAX_TEST_LOSS ?= 101.5
+MAX_TEST_LOSS ?= 102.5
 # Execute headless, in order, with no per-cell timing metadata in the result.
 EXECUTE := $(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 \
 	--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.store_widget_state=False
@@ -41,8 +41,12 @@ setup: $(VENV)/.installed  ## create .venv with exactly requirements.lock (hash-
 
 dev: $(VENV)/.installed-dev  ## the same with requirements-dev.lock: also ruff, nbstripout, pre-commit, playwright
 
-# The venv and the pinned uv in it.
+# The venv and the pinned uv in it. The lock needs Python 3.11 or newer: an older one stops here, at once, named.
 $(VENV)/.uv: requirements-uv.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make setup needs Python 3.11 or \
+	newer, and $(PYTHON) is Python %s. Install a newer one and name it: make setup PYTHON=python3.12 (or its path)" \
+	% sys.version.split()[0])' || { command -v $(PYTHON) >/dev/null || echo "make setup: there is no $(PYTHON)." \
+	"Install Python 3.11 or newer and name it: make setup PYTHON=python3.12 (or its path)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-uv.lock
 	touch $@
@@ -103,8 +107,12 @@ bench: data  ## the walkthrough's default training, working tree vs $(BASELINE),
 	$(BIN)/python benchmarks/bench_train.py --baseline $(BASELINE) --data-dir $(DATA_DIR)
 	$(BIN)/python benchmarks/bench_shared_cores.py --data-dir $(DATA_DIR)
 
-sweep: data  ## train and evaluate each exercise configuration into build/sweep (resumable), then a table and a figure; published to results/sweep
-	$(BIN)/python tools/sweep.py --out build/sweep --data-dir $(DATA_DIR) --publish results/sweep $(SWEEP_ARGS)
+# Two runs side by side, one torch thread each, finished the sweep in 0.76x the time of one after the other on the
+# 2-core CI machine (CONTRIBUTING.md); SWEEP_JOBS=1 runs them one at a time.
+SWEEP_JOBS ?= 2
+sweep: data  ## train and evaluate each exercise configuration, from several seeds, into build/sweep (resumable), then a table and a figure; published to results/sweep
+	$(BIN)/python tools/sweep.py --out build/sweep --data-dir $(DATA_DIR) --jobs $(SWEEP_JOBS) --publish results/sweep \
+		$(SWEEP_ARGS)
 
 clean:  ## remove scratch runs (keeps .venv and data)
 	rm -rf $(REPRODUCE_DIR) build/nbval .pytest_cache .ruff_cache __pycache__ tests/__pycache__ tools/__pycache__

@@ -1,20 +1,10 @@
-"""Plumbing for Variational_autoencoder.ipynb and its companion, so the notebooks stay about the VAE.
-
-Each guarantee the notebooks make is one mechanism here, and nothing runs at import:
-  settings      check_settings: the parameters cell's constants (or papermill's -p), each checked
-  torch setup   configure_torch: deterministic kernels, the same bits at any thread count, no slow-down from
-                subnormal numbers, and fewer threads while other programs keep the cores busy (FairThreads)
-  data          load_splits: MNIST or Fashion-MNIST, SHA-256 verified, as tensors
-  checkpoints   start_or_resume / save_checkpoint: the checkpoint, written atomically, is the truth; the training
-                cell always continues from its last completed epoch (after an interrupt, an error or a restart)
-  cell order    require_trained, NotebookOrderError: a cell run out of order names the cell to run
-  companion     load_trained_checkpoint, load_notebook_definitions (the walkthrough's definitions), read_sweep
-"""
+"""Plumbing for the two notebooks, so they stay about the VAE: one mechanism per guarantee; nothing runs at import."""
 
 import ast
+import base64
+import collections
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import hashlib
 import io
@@ -41,29 +31,23 @@ class ConfigError(ValueError):
     """A setting has a value the notebook cannot use."""
 
 
-def _device_name(value):
-    return value in ("auto", "cpu", "mps", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
-
-
 # NAME: (type, check, what it accepts). The parameters cells hold the values; papermill's -p replaces them.
 SETTINGS = {
     "EPOCHS": (int, lambda v: v >= 1, "a whole number >= 1"),
     "BATCH_SIZE": (int, lambda v: v >= 1, "a whole number >= 1"),
-    "LATENT_DIM": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "LATENT_DIM": (int, lambda v: v >= 2, "a whole number >= 2"),  # the latent section plots two dimensions
     "LEARNING_RATE": (float, lambda v: 0 < v < math.inf, "a number > 0, such as 1e-3"),
     "SEED": (int, lambda v: v >= 0, "a whole number >= 0"),
     "DATA_DIR": (str, lambda v: v.strip() != "", "a folder path"),
     "OUT_DIR": (str, lambda v: v.strip() != "", "a folder path"),
-    "TRAIN_SUBSET": (int, lambda v: v >= 0, "a whole number >= 0 (0 = all training images)"),
-    "DEVICE": (str, _device_name, "auto, cpu, cuda, cuda:N or mps"),
+    "TRAIN_SUBSET": (int, lambda v: 0 <= v <= 60_000, "a whole number from 0 (all) to 60000"),  # either data set
+    "DEVICE": (str, lambda v: v in ("auto", "cpu", "mps", "cuda") or v[5:].isdigit() and v[:5] == "cuda:",
+               "auto, cpu, cuda, cuda:N or mps"),
     "DATASET": (str, lambda v: v in ("mnist", "fashion"), "mnist or fashion"),
     "BETA": (float, lambda v: 0 <= v < math.inf, "a number >= 0 (1 = the plain VAE)"),
-    "BINARIZE": (bool, lambda v: True, "True or False"),
-    "RESUME": (bool, lambda v: True, "True or False"),
-    # the companion notebook's own
-    "IW_SAMPLES": (int, lambda v: v >= 1, "a whole number >= 1"),
-    # the bound's check uses a standard error over these images: a handful would make it fail by chance
-    "IW_TEST_IMAGES": (int, lambda v: 100 <= v <= 10_000, "a whole number from 100 to 10000"),
+    **{flag: (bool, lambda v: True, "True or False") for flag in ("BINARIZE", "RESUME", "PRETRAINED")},
+    "IW_SAMPLES": (int, lambda v: v >= 1, "a whole number >= 1"),  # the companion's own, and the next
+    "IW_TEST_IMAGES": (int, lambda v: 100 <= v <= 10_000, "a whole number from 100 to 10000"),  # its check needs 100
 }
 
 # Settings that change a training run's numbers: a checkpoint continues only with the same (raising EPOCHS continues)
@@ -96,28 +80,20 @@ def check_settings(namespace):
 # --------------------------------------------------------------------------- torch setup
 
 
-def device_available(name):
-    """True if this machine has the device `name` ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    if name.startswith("cuda"):  # 'cuda:N' needs N GPUs or more
-        return torch.cuda.is_available() and int(name.partition(":")[2] or 0) < torch.cuda.device_count()
-    return name == "cpu" or (name in ("mps", "mps:0") and torch.backends.mps.is_available())
-
-
 def choose_device(name, prefer=None):
     """Resolve 'auto' to `prefer` if this machine has it, else cuda, then mps, then cpu; refuse an absent device."""
-    if name == "auto":
-        name = next(n for n in (prefer, "cuda", "mps", "cpu") if n and device_available(n))
-    elif not device_available(name):
+    def available(name):  # 'cuda:N' needs more than N GPUs
+        cuda = name.startswith("cuda") and torch.cuda.is_available() and int(name[5:] or 0) < torch.cuda.device_count()
+        return cuda or name == "cpu" or (name in ("mps", "mps:0") and torch.backends.mps.is_available())
+
+    name = next(n for n in (prefer, "cuda", "mps", "cpu") if n and available(n)) if name == "auto" else name
+    if not available(name):
         raise ConfigError(f"DEVICE={name!r}, but this machine has no such device. Use DEVICE='auto' or 'cpu'.")
     return torch.device(name)
 
 
 class FairThreads:
-    """Lower torch's CPU thread count while other processes keep the cores busy; restore it when they stop.
-
-    PyTorch's OpenMP threads spin while they wait for each other: beside another busy process a spinning thread
-    takes turns from the thread it waits for, and an epoch can take four times longer. Reads the load of this
-    process's cores through psutil (Linux, macOS, Windows), before every optimizer step."""
+    """Before each optimizer step, as many torch threads as cores others leave free: waiting threads spin."""
 
     def __init__(self, interval=0.5):
         process = psutil.Process()  # its cores: all, or those a cpuset or taskset left it (no affinity on macOS)
@@ -145,11 +121,12 @@ class FairThreads:
 
 
 _fair_threads = None  # (the FairThreads policy, its hook handle) while configure_torch has one on
-MKL_CBWR_AUTO_STRICT = 0x10002  # what mkl_cbwr_get reports for MKL_CBWR=AUTO,STRICT
+# MKL's own constants (mkl_service.h): MKL_CBWR_AUTO = 2, MKL_CBWR_STRICT = 0x10000; MKL_CBWR=AUTO,STRICT is their OR
+MKL_CBWR_AUTO_STRICT = 0x10002
 
 
 def mkl_cbwr_mode():
-    """MKL's reproducibility mode (mkl_cbwr_get), fixing it by MKL's first call; None if torch has no MKL."""
+    """MKL's reproducibility mode, fixed by its first call; None without MKL or its (undocumented) mkl_serv_cbwr_get."""
     try:  # libtorch_cpu.so, .dylib or .dll
         library = next((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*"))
         mode = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
@@ -164,24 +141,20 @@ def configure_torch(fair_threads=True):
     global _fair_threads
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this
     torch.use_deterministic_algorithms(True)
-    # MKL's conditional numerical reproducibility: its matrix products give the same bits at any thread count. MKL
-    # reads this when it first computes, so it must be set before the first matrix product (checked below).
+    # MKL's conditional numerical reproducibility, read at MKL's first call: the same bits at any thread count
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     mode = mkl_cbwr_mode()
     if mode not in (None, MKL_CBWR_AUTO_STRICT):  # None: torch without MKL; then nothing to promise
-        cause = ("a matrix product ran before configure_torch" if os.environ["MKL_CBWR"] == "AUTO,STRICT" else
-                 f"the environment sets MKL_CBWR={os.environ['MKL_CBWR']!r}")
-        warnings.warn(f"MKL is not in its AUTO,STRICT mode ({cause}): results may change with the thread count. "
-                      "Unset MKL_CBWR (or set it to AUTO,STRICT), restart the kernel and run the setup cell first.",
-                      stacklevel=2)
-    # A trained decoder and Adam's averages for dead units hold subnormal floats (below 1.2e-38), and arithmetic
-    # on them is many times slower on some x86 CPUs: epochs slowed by 40-50% as training went on, on an Intel Xeon.
-    # Flushing them to zero removes that cost (benchmarks/bench_train.py times every epoch).
+        cause = "a matrix product ran before configure_torch" if os.environ["MKL_CBWR"] == "AUTO,STRICT" else \
+            f"the environment sets MKL_CBWR={os.environ['MKL_CBWR']!r}"
+        warnings.warn(f"MKL is not in its AUTO,STRICT mode ({cause}): results may change with the thread count. Unset "
+                      "MKL_CBWR, restart the kernel and run the setup cell first.", stacklevel=2)
+    # Adam's averages for dead units hold subnormal floats (below 1.2e-38), many times slower on some x86 CPUs:
+    # epochs slowed by 40-50% as training went on, on an Intel Xeon. Flushing them to zero removes that cost.
     torch.set_flush_denormal(True)
     if _fair_threads is not None:  # the setup cell run again: back to the thread count before the first policy
-        policy, hook = _fair_threads
-        hook.remove()
-        torch.set_num_threads(policy.max_threads)
+        _fair_threads[1].remove()
+        torch.set_num_threads(_fair_threads[0].max_threads)
         _fair_threads = None
     if fair_threads and mode == MKL_CBWR_AUTO_STRICT:  # only then are the bits the same at any thread count
         policy = FairThreads()
@@ -189,22 +162,16 @@ def configure_torch(fair_threads=True):
 
 
 def library_versions():
-    """Versions of Python and the libraries whose numbers a run depends on."""
+    """Versions of Python and the libraries whose numbers a run depends on, and the CPU (its model name on Linux)."""
     import numpy
     import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "cpu": cpu_name()}
-
-
-def cpu_name():
-    """The CPU's model name (Linux), else platform.processor()."""
+    cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "cpu": cpu,
+            "torchvision": str(torchvision.__version__), "numpy": numpy.__version__,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
 def prepare_out_dir(path):
@@ -240,13 +207,8 @@ class DataError(RuntimeError):
     """The data set is missing, incomplete or not the published files."""
 
 
-@dataclasses.dataclass
-class Split:
-    """One split of a data set: images as float rows in [0, 1], labels as integers."""
-
-    images: torch.Tensor  # (N, 784) float32, on the training device
-    labels: torch.Tensor  # (N,) int64, on the training device
-    settings: dict = dataclasses.field(default_factory=dict)  # the DATA_SETTINGS it was loaded with
+# A data split: images (N, 784) float32 in [0, 1], labels (N,), and the DATA_SETTINGS later cells check it against
+Split = collections.namedtuple("Split", "images labels settings")
 
 
 def missing_files(data_dir, dataset):
@@ -255,11 +217,15 @@ def missing_files(data_dir, dataset):
     return [name for name in files if not (Path(data_dir) / folder / "raw" / name).is_file()]
 
 
-def load_dataset(data_dir, dataset, device, allow_download=True):
-    """Find (or download), verify and load a data set: (train Split, test Split, class names)."""
-    from torchvision import datasets
+def binarized_once(images, seed):
+    """One fixed binary draw of `images` (pixel i is 1 with probability x_i), on the CPU: the same on any device."""
+    return torch.bernoulli(images.cpu(), generator=torch.Generator().manual_seed(seed)).to(images.device)
 
-    folder, files = DATASETS[dataset]
+
+def load_splits(data_dir, dataset, device, train_subset=0, binarize=False, allow_download=True):
+    """Verified (else downloaded) train and test Splits and class names; with `binarize`, a binary test set."""
+    from torchvision import datasets
+    data_dir, (folder, files) = str(Path(data_dir).expanduser()), DATASETS[dataset]
     raw = Path(data_dir) / folder / "raw"
     if missing_files(data_dir, dataset):
         problem = "downloading is switched off"
@@ -277,43 +243,18 @@ def load_dataset(data_dir, dataset, device, allow_download=True):
             raise DataError(f"{raw / name} is not the published file (size or SHA-256 differs: truncated or altered). "
                             f"Training did not start. Delete it and run again to download it, or point DATA_DIR at "
                             f"a verified copy. Expected {size:,} bytes, SHA-256 {sha256}.")
+    loaded = dict(DATA_DIR=data_dir, DATASET=dataset, TRAIN_SUBSET=train_subset, BINARIZE=binarize)
     splits = []
     for train in (True, False):
         ds = getattr(datasets, folder)(root=data_dir, train=train, download=False)
         # ds.data is (N, 28, 28) uint8; /255 gives exactly what transforms.ToTensor() gives.
-        images = ds.data.reshape(len(ds.data), -1).to(device=device, dtype=torch.float32).div_(255)
-        splits.append(Split(images, ds.targets.to(device)))
+        images, labels = ds.data.reshape(len(ds.data), -1).to(device=device, dtype=torch.float32).div_(255), ds.targets
+        if train and train_subset:
+            images, labels = images[:train_subset], labels[:train_subset]
+        if not train and binarize:
+            images = binarized_once(images, BINARIZED_TEST_SEED)
+        splits.append(Split(images, labels.to(device), loaded))
     return splits[0], splits[1], list(ds.classes)
-
-
-def binarized_once(images, seed):
-    """One fixed binary draw of `images` (pixel i is 1 with probability x_i), on the CPU: the same on any device."""
-    return torch.bernoulli(images.cpu(), generator=torch.Generator().manual_seed(seed)).to(images.device)
-
-
-def load_splits(data_dir, dataset, device, train_subset=0, binarize=False, allow_download=True):
-    """The training and test Splits: the first `train_subset` training images (0: all); with `binarize`, the test
-    set binarized once, seeded (on the CPU: the same on every device). Also the class names."""
-    train, test, class_names = load_dataset(str(Path(data_dir).expanduser()), dataset, device, allow_download)
-    if train_subset > len(train.images):
-        raise ConfigError(f"TRAIN_SUBSET = {train_subset} is more than the {len(train.images):,} training images of "
-                          f"{dataset}. Set it to 0 (all) or fewer in the parameters cell, then run the cells in order.")
-    if train_subset:
-        train = Split(train.images[:train_subset], train.labels[:train_subset])
-    if binarize:
-        test = Split(binarized_once(test.images, BINARIZED_TEST_SEED), test.labels)
-    train.settings = test.settings = dict(DATA_DIR=str(data_dir), DATASET=dataset, TRAIN_SUBSET=train_subset,
-                                          BINARIZE=binarize)
-    return train, test, class_names
-
-
-# --------------------------------------------------------------------------- files
-
-class DiskFullError(OSError):
-    """Writing into OUT_DIR failed because its disk is full or over quota."""
-
-    def __str__(self):
-        return self.strerror
 
 
 def write_bytes_atomically(data, path):
@@ -331,11 +272,11 @@ def write_bytes_atomically(data, path):
             raise
         temp.unlink(missing_ok=True)  # before measuring the free space
         free = shutil.disk_usage(target.parent).free
-        raise DiskFullError(err.errno, (
+        raise OSError(err.errno, (
             f"Could not write {target.name} ({len(data) / 1e6:.1f} MB) into {target.parent}: the disk is full or over "
             f"quota ({free / 1e6:.1f} MB free). Nothing was damaged: files already there, an older {target.name} "
-            "included, are whole. Free some space, or point OUT_DIR at a disk with room, and run the cell again "
-            "(training continues from the last epoch saved in vae.pt)."), str(target)) from err
+            "included, are whole. Free some space, or point OUT_DIR at a disk with room, and run the cell again."),
+            str(target)) from err
     finally:
         temp.unlink(missing_ok=True)
     return target
@@ -345,218 +286,215 @@ def write_bytes_atomically(data, path):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: unreadable, incomplete, unfinished, or from other settings."""
+    """A checkpoint or model file cannot be used: unreadable, incomplete, or from other settings."""
 
 
 class NotebookOrderError(RuntimeError):
-    """A cell was run out of order: what it needs is missing, or was built with other settings."""
+    """A cell was run out of order: what it needs is missing, or was made with other settings."""
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "rng", "config", "history", "device", "run_id")
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "history", "device", "writer")  # vae.pt: to continue
+MODEL_KEYS = ("model", "config", "history", "device", "versions")  # model.pt: the finished model, no optimizer
+MODEL_FILE = "model.pt"  # beside vae.pt, in OUT_DIR
 # The cells a refusal names, by the code they hold (the notebook's sections may be renumbered).
 DATA_CELL = "the data cell (`train, test, class_names = ...`)"
 MODEL_CELL = "the model cell (`model = VAE(...)`)"
 OPTIMIZER_CELL = "the optimizer cell (`optimizer = ...`)"
 TRAINING_CELL = "the training cell (`for epoch in ...`)"
 
-_runs = weakref.WeakKeyDictionary()  # model -> its training run: {"path", "run_id", "settings", "epochs"}
+
+def _this_process():
+    """Who writes a checkpoint: this process, as 'pid@start time' (a restarted kernel is another process)."""
+    return f"{os.getpid()}@{psutil.Process().create_time()}"
 
 
-def _rng_state():
-    """The states of torch's global random streams: the CPU's, and CUDA's or MPS's where present."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state):
-    """Restore what _rng_state saved."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-def read_checkpoint(path, fix):
+def read_checkpoint(path, keys=CHECKPOINT_KEYS, fix="Delete it, or set another OUT_DIR."):
     """torch.load a checkpoint safely (weights_only) and check its entries; CheckpointError ending with `fix`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:  # missing, or not readable
-        raise CheckpointError(f"Cannot read checkpoint {path} ({err.strerror or err}). {fix}") from err
+        raise CheckpointError(f"Cannot read {path} ({err.strerror or err}). {fix}") from err
     except Exception as err:  # a truncated zip, random bytes, or a pickle with disallowed globals
-        raise CheckpointError(f"Cannot read checkpoint {path}: it is truncated or corrupt ({err}). {fix}") from err
-    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
-        raise CheckpointError(f"Checkpoint {path} lacks some of {list(CHECKPOINT_KEYS)}. {fix}")
+        raise CheckpointError(f"Cannot read {path}: it is truncated or corrupt ({err}). {fix}") from err
+    if not isinstance(state, dict) or not all(key in state for key in keys):
+        raise CheckpointError(f"{path} lacks some of {list(keys)}. {fix}")
     return state
 
 
-def _settings_changed(old, new, names):
+def _changed(old, new, names):
     """'NAME: old -> new; ...' for the names whose values differ ('' if none)."""
     return "; ".join(f"{n}: {old.get(n)!r} -> {new.get(n)!r}" for n in names if old.get(n) != new.get(n))
 
 
-def _check_cells(settings, model, splits):
-    """NotebookOrderError naming the earliest cell to run if the data or `model` no longer fit `settings`."""
+def _same_weights(model, saved):
+    """True if `model`'s weights are those of the saved state dict, bit for bit."""
+    state = model.state_dict()
+    return state.keys() == saved.keys() and all(torch.equal(state[k].cpu(), saved[k]) for k in state)
+
+
+def _check_data(settings, model, splits):
+    """NotebookOrderError naming the data cell if the loaded data no longer fits `settings` or `model`'s device."""
     for split in splits:
-        changed = _settings_changed(split.settings, settings, DATA_SETTINGS)
+        changed = _changed(split.settings, settings, DATA_SETTINGS)
         if changed or split.images.device != next(model.parameters()).device:
-            changed = changed or f"DEVICE: the data is on {split.images.device}"
-            raise NotebookOrderError(f"Settings changed after the data was loaded ({changed}). Run {DATA_CELL} and "
-                                     "the cells after it, in order.")
-    run = _runs.get(model)
-    changed = run and _settings_changed(run["settings"], settings, RUN_SETTINGS)
-    if changed:
-        data_changed = _settings_changed(run["settings"], settings, DATA_SETTINGS)  # the data must be reloaded first
-        cell = DATA_CELL if data_changed else MODEL_CELL
-        raise NotebookOrderError(f"Settings changed after this model started training ({changed}). Run {cell} "
-                                 "and the cells after it, in order, to train with them.")
+            raise NotebookOrderError(f"Settings changed after the data was loaded ({changed or 'DEVICE'}). Run "
+                                     f"{DATA_CELL} and the cells after it, in order.")
 
 
-def start_or_resume(checkpoint_path, model, optimizer, namespace, train, test):
-    """The epochs done (a list), with model, optimizer and random streams as after the last; settings from `namespace`.
+_trained = weakref.WeakSet()  # the models that trained or loaded weights in this process: no new run starts from one
 
-    The checkpoint is the truth: a started run (or RESUME = True) continues from its last saved epoch, whatever
-    happened since; a new run seeds torch from SEED and saves epoch 0. Cells out of order raise NotebookOrderError."""
-    settings = check_settings(namespace)
+
+def start_or_resume(checkpoint_path, model, optimizer, settings, train, test):
+    """Epochs done; model and optimizer as after the last: from vae.pt (this process's, or RESUME), model.pt or anew."""
+    path, here, finished = Path(checkpoint_path), str(next(model.parameters()).device), Path(checkpoint_path).parent
+    _check_data(settings, model, (train, test))
     if {id(p) for group in optimizer.param_groups for p in group["params"]} != {id(p) for p in model.parameters()}:
         raise NotebookOrderError(f"`optimizer` belongs to another `model`: {MODEL_CELL} was run after the optimizer "
                                  f"was created. Run {OPTIMIZER_CELL}, then this cell.")
-    _check_cells(settings, model, (train, test))
-    path = Path(checkpoint_path)
-    run = _runs.get(model)
-    fix = f"Delete {path} (or set RESUME = False) to start afresh, or choose another OUT_DIR."
-    state = None
-    if run is None and settings["RESUME"] and path.exists():
-        state = read_checkpoint(path, fix)
-        changed = _settings_changed(state["config"], settings, RUN_SETTINGS)
-        here = str(next(model.parameters()).device)  # another device draws other noise: not the same run
-        if state["device"] != here:
-            changed = "; ".join(filter(None, [changed, f"device: {state['device']!r} -> {here!r}"]))
-        if changed:
-            raise CheckpointError(f"Checkpoint {path} was made with other settings ({changed}). {fix}")
-        run = _runs[model] = {"path": path, "run_id": state["run_id"], "settings": state["config"]}  # the run's own
-        print(f"resuming from {path} after epoch {len(state['history'])}")
-    elif run is None:  # a new run: the model cell has just built `model`
-        if settings["RESUME"]:
-            print(f"RESUME is set but there is no {path}: training from the start")
-        torch.manual_seed(seed_for(settings["SEED"], "training"))  # not SEED itself: that drew the weights
-        run = _runs[model] = {"path": path, "run_id": secrets.token_hex(8), "settings": settings}
-        save_checkpoint(path, model, optimizer, settings["EPOCHS"], [])
-        return []
-    elif run["path"] != path or not path.exists():
-        raise NotebookOrderError(f"This model's training run was saved in {run['path']}, which is gone or is not "
-                                 f"{path} (OUT_DIR changed). Run {MODEL_CELL} and the cells after it, in order.")
-    state = state or read_checkpoint(path, fix)
-    if state["run_id"] != run["run_id"]:
-        raise CheckpointError(f"{path} now holds another training run (another notebook or process wrote it). "
-                              f"Run {MODEL_CELL} and the cells after it to start afresh, or use another OUT_DIR.")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    run["epochs"] = len(state["history"])
-    if run["epochs"] >= settings["EPOCHS"]:
-        print(f"Trained {run['epochs']} epochs already (EPOCHS = {settings['EPOCHS']}): nothing to train. To train "
-              f"more, raise EPOCHS in the parameters cell, run it and the next cell, then this cell again.")
-    return state["history"]
+    if finished.resolve() != Path(settings["OUT_DIR"]).expanduser().resolve():
+        raise NotebookOrderError(f"OUT_DIR changed after the setup cell (`out_dir = ...`) made {finished}. Run it "
+                                 "and the cells after it, in order.")
+    trained_before, finished = model in _trained, finished / MODEL_FILE
+    if settings["PRETRAINED"]:  # the trained model beside the checkpoint, instead of training
+        saved = read_finished_model(finished, **{k: settings[k] for k in ("EPOCHS", *RUN_SETTINGS)})
+        model.load_state_dict(saved["model"])
+        _trained.add(model)
+        print(f"PRETRAINED: loaded {finished}, trained for {len(saved['history'])} epochs; nothing is trained")
+        return saved["history"]
+    # what it needs to continue is checked only to continue it: an older release's vae.pt is replaced by a new run
+    state = read_checkpoint(path, CHECKPOINT_KEYS if settings["RESUME"] else ()) if path.exists() else None
+    ours = state is not None and state.get("writer") == _this_process()
+    if state is not None and (ours or settings["RESUME"]):  # another device draws other noise: another run
+        changed = _changed(state["config"] | {"device": state["device"]}, settings | {"device": here},
+                           (*RUN_SETTINGS, "device"))
+        if not changed and len(state["history"]) > settings["EPOCHS"]:
+            raise NotebookOrderError(f"{path} holds {len(state['history'])} epochs, more than EPOCHS = "
+                                     f"{settings['EPOCHS']}. Raise EPOCHS again, or delete it to train a new run.")
+        if not changed:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            _trained.add(model)
+            if len(state["history"]) == settings["EPOCHS"]:
+                print(f"Trained {len(state['history'])} epochs already: nothing to train. To train more, raise "
+                      "EPOCHS, run the parameters cell and the next, then this cell.")
+                if not finished.exists() or not _same_weights(model, read_checkpoint(finished, MODEL_KEYS)["model"]):
+                    _save_model(finished, model, state["history"], settings)  # lost between two writes
+            elif not ours:
+                print(f"resuming from {path} after epoch {len(state['history'])}")
+            return state["history"]
+        if not ours:
+            raise CheckpointError(f"{path} was made with other settings ({changed}). Delete it (or set RESUME = "
+                                  "False) to start afresh, or choose another OUT_DIR.")
+        if trained_before:
+            cell = DATA_CELL if _changed(state["config"], settings, DATA_SETTINGS) else MODEL_CELL
+            raise NotebookOrderError(f"Settings changed after this model started training ({changed}). Run {cell} "
+                                     "and the cells after it, in order, to train with them.")
+    elif trained_before:
+        raise NotebookOrderError(f"`model` holds trained weights, and {path} does not hold their run (deleted, "
+                                 f"written by another notebook, or PRETRAINED). Run {MODEL_CELL} and the cells after "
+                                 "it, in order, to start a new run.")
+    elif settings["RESUME"]:
+        print(f"RESUME is set but there is no {path}: training from the start")
+    if finished.exists():  # in outputs/, the committed run's: a learner's run replaces it only when told so
+        print(f"A new run. After its last epoch it replaces {finished}; to keep that file, set another OUT_DIR.")
+    save_checkpoint(path, model, optimizer, [], settings)
+    _trained.add(model)
+    return []
 
 
-def save_checkpoint(checkpoint_path, model, optimizer, epochs, history):
-    """Write everything needed to continue after the last epoch of `history`; refuse a loss that is nan or inf."""
+def _save(state, path):
+    """torch.save into memory, then one atomic write: a full disk is reported as one."""
+    torch.save(state, buffer := io.BytesIO())
+    write_bytes_atomically(buffer.getbuffer(), path)
+
+
+def _save_model(path, model, history, settings):
+    """model.pt: the trained weights and the run's record (settings, epochs, device, versions), no optimizer."""
+    _save({"model": model.state_dict(), "config": settings, "history": history,
+           "device": str(next(model.parameters()).device), "versions": library_versions()}, path)
+
+
+def save_checkpoint(checkpoint_path, model, optimizer, history, settings):
+    """Save vae.pt after an epoch and, once all EPOCHS are done, model.pt (no optimizer); refuse a nan or inf loss."""
     if history and not all(math.isfinite(value) for value in history[-1].values()):
-        raise FloatingPointError(
-            f"The loss became nan or inf in epoch {len(history)} ({history[-1]}). That epoch was not saved; "
-            f"{checkpoint_path} still holds epoch {len(history) - 1}. Try a smaller LEARNING_RATE (the default is "
-            "1e-3), and check that the data is in [0, 1].")
-    run = _runs.get(model)
-    if run is None:
-        raise NotebookOrderError(f"`model` has no training run: start it with {TRAINING_CELL}.")
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-             "config": run["settings"] | {"EPOCHS": epochs}, "history": history,
-             "device": str(next(model.parameters()).device), "run_id": run["run_id"]}
-    buffer = io.BytesIO()  # torch.save into memory: a full disk is then reported as one, by the plain write below
-    torch.save(state, buffer)
-    write_bytes_atomically(buffer.getbuffer(), checkpoint_path)
-    run["epochs"] = len(history)
+        raise FloatingPointError(f"The loss became nan or inf in epoch {len(history)} ({history[-1]}). That epoch was "
+                                 f"not saved; {checkpoint_path} still holds epoch {len(history) - 1}. Try a smaller "
+                                 "LEARNING_RATE (the default is 1e-3), and check that the data is in [0, 1].")
+    _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": settings, "history": history,
+           "device": str(next(model.parameters()).device), "writer": _this_process()}, checkpoint_path)
+    if len(history) == settings["EPOCHS"]:
+        _save_model(Path(checkpoint_path).with_name(MODEL_FILE), model, history, settings)
+
+
+def read_finished_model(path, **expected):
+    """model.pt: weights, settings, epochs, device, versions; CheckpointError if unreadable or not as `expected`."""
+    saved = read_checkpoint(path, MODEL_KEYS, f"Run the training cell of {WALKTHROUGH.name} to its last epoch with "
+                            "this OUT_DIR (make run), or set OUT_DIR to a folder that holds one: outputs/ holds the "
+                            "committed run's.")
+    if changed := _changed(saved["config"], expected, expected):
+        raise CheckpointError(f"{path} was trained with other settings ({changed}). Set them as it has them, or "
+                              "point OUT_DIR at another model (in the walkthrough: or set PRETRAINED = False).")
+    return saved
 
 
 def require_trained(model, namespace, *splits):
-    """Raise NotebookOrderError, naming the cell to run, unless `model` finished training with the settings in
-    `namespace` (the notebook's `globals()`) and the data `splits` still fit them."""
-    run = _runs.get(model)
-    if run is None:
-        raise NotebookOrderError(f"`model` has not been trained: run {OPTIMIZER_CELL} and {TRAINING_CELL} first.")
+    """OUT_DIR/model.pt's record if `model` holds its weights for `namespace`'s settings; else NotebookOrderError."""
     settings = check_settings(namespace)
-    _check_cells(settings, model, splits)
-    if run.get("epochs", 0) < settings["EPOCHS"]:
-        raise NotebookOrderError(f"`model` has completed {run.get('epochs', 0)} of EPOCHS = {settings['EPOCHS']} "
-                                 f"epochs: run {TRAINING_CELL} first.")
+    _check_data(settings, model, splits)
+    path = Path(settings["OUT_DIR"]).expanduser() / MODEL_FILE
+    saved = read_checkpoint(path, MODEL_KEYS) if path.exists() else None
+    if saved is None or not _same_weights(model, saved["model"]):
+        raise NotebookOrderError(f"`model` has not finished training: run {TRAINING_CELL} first (and before it "
+                                 f"{OPTIMIZER_CELL}, if {MODEL_CELL} ran since).")
+    if changed := _changed(saved["config"], settings, ("EPOCHS", *RUN_SETTINGS)):
+        cell = (DATA_CELL if _changed(saved["config"], settings, DATA_SETTINGS) else
+                MODEL_CELL if _changed(saved["config"], settings, RUN_SETTINGS) else TRAINING_CELL)
+        raise NotebookOrderError(f"Settings changed after `model` was trained ({changed}). Run {cell} and the cells "
+                                 "after it, in order.")
+    return saved
 
 
-def read_finished_checkpoint(path):
-    """The checkpoint of a finished training run; CheckpointError, saying what to do, if missing or interrupted."""
-    path, walkthrough = Path(path), WALKTHROUGH.name
-    state = read_checkpoint(path, f"Run {walkthrough} (make run) with this OUT_DIR, or set OUT_DIR to its folder.")
-    if len(state["history"]) < state["config"]["EPOCHS"]:
-        raise CheckpointError(f"Checkpoint {path} holds {len(state['history'])} of its {state['config']['EPOCHS']} "
-                              f"epochs: training was interrupted. Run the training cell of {walkthrough} again to "
-                              "finish it (after a restart: with RESUME = True and the same OUT_DIR).")
-    return state
+def show_widget(widget, png, note):
+    """Display `widget`; a copy without a kernel (GitHub, nbviewer, nbconvert) shows the image `png` and `note`."""
+    from IPython.display import display
+    image = base64.b64encode(png).decode()
+    html = f'<img src="data:image/png;base64,{image}" width="168" alt="the decoded code"><p><i>{note}</i></p>'
+    display(widget._repr_mimebundle_() | {"text/html": html, "image/png": image, "text/plain": note}, raw=True)
 
 
-def load_trained_checkpoint(path, dataset):
-    """A finished run's checkpoint on `dataset`, with the metrics.json of that run, for evaluation; CheckpointError."""
-    state, metrics_path, walkthrough = read_finished_checkpoint(path), Path(path).with_name("metrics.json"), WALKTHROUGH
-    trained = state["config"]
-    if trained["DATASET"] != dataset:
-        raise CheckpointError(f"Checkpoint {path} was trained on DATASET={trained['DATASET']!r}, but this notebook "
-                              f"is set to DATASET={dataset!r}. Set DATASET = {trained['DATASET']!r}, or point "
-                              "OUT_DIR at a run trained on it.")
-    try:  # the walkthrough's last cell writes metrics.json beside the checkpoint: the run's measured numbers
-        state["metrics"] = json.loads(metrics_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{metrics_path} is missing or unreadable ({err}): run {walkthrough} to its last cell "
-                              "with this OUT_DIR, then this notebook.") from None
-    if state["metrics"].get("history") != state["history"]:  # written by an earlier run
-        raise CheckpointError(f"{metrics_path} is from another training run than {path}: run {walkthrough} to its "
-                              "last cell with this OUT_DIR, then this notebook.")
-    return state
-
-
-# --------------------------------------------------------------------------- tools
+# --------------------------------------------------------------------------- the companion and the sweep
 
 
 HERE = Path(__file__).resolve().parent  # the project folder
 WALKTHROUGH = HERE / "Variational_autoencoder.ipynb"
-SWEEP_DIR = HERE / "results" / "sweep"  # what `make sweep` publishes: NAME.json, NAME.evaluation.json, figures
-PUBLISHED = {"metrics.json": "{}.json", "evaluation.json": "{}.evaluation.json"}  # a run's files: names in SWEEP_DIR
+SWEEP_DIR = HERE / "results" / "sweep"  # what `make sweep` publishes: NAME/seed-SEED/{metrics,evaluation}.json
+RUN_FILES = ("metrics.json", "evaluation.json")  # a finished, evaluated run: the walkthrough's, then the companion's
+
+
+def read_run(folder):
+    """(metrics.json, evaluation.json) of one run's folder; OSError if missing, ValueError if damaged."""
+    return tuple(json.loads((Path(folder) / file).read_text()) for file in RUN_FILES)
 
 
 def read_sweep(names, folder=SWEEP_DIR):
-    """{name: (metrics.json, evaluation.json)} for each run of `names` whose NAME.json and NAME.evaluation.json are in
-    `folder`; a damaged file raises."""
-    runs = {}
-    for name in names:
-        paths = [Path(folder) / file.format(name) for file in PUBLISHED.values()]
-        with contextlib.suppress(FileNotFoundError):  # missing: not a result
-            runs[name] = tuple(json.loads(path.read_text()) for path in paths)
-    return runs
+    """{name: {seed: (metrics, evaluation)}} of the evaluated runs NAME/seed-SEED/ in `folder`, by seed."""
+    runs = {name: sorted(Path(folder, name).glob("seed-*/evaluation.json"), key=lambda p: int(p.parent.name[5:]))
+            for name in names}
+    if not all(runs.values()):
+        raise FileNotFoundError(f"{folder} has no evaluated run of {[n for n, p in runs.items() if not p]}: use the "
+                                "whole project folder, whose results/sweep holds them, or run `make sweep`.")
+    return {name: {int(p.parent.name[5:]): read_run(p.parent) for p in paths} for name, paths in runs.items()}
 
 
-def load_notebook_definitions(notebook_path=WALKTHROUGH, tag="definitions", namespace=None):
-    """Run a notebook's top-level imports and its cells tagged `tag` in `namespace` (default: a new dict)."""
+def load_notebook_definitions(notebook_path=WALKTHROUGH, names=None, tag="definitions", namespace=None):
+    """Run a notebook's imports and its cells tagged `tag` in `namespace`; return it, or the objects named `names`."""
     notebook = json.loads(Path(notebook_path).read_text())
     namespace = {"__name__": "notebook_definitions"} if namespace is None else namespace
     for cell in (cell for cell in notebook["cells"] if cell["cell_type"] == "code"):
         source = "".join(cell["source"])
         if tag in cell.get("metadata", {}).get("tags", []):
             exec(compile(source, f"{notebook_path}:{tag}", "exec"), namespace)
-        else:  # other cells do work: only their imports, including those inside a top-level `try`
-            body = [inner for node in ast.parse(source).body for inner in (node.body if isinstance(node, ast.Try)
-                                                                            else [node])]
-            imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        else:  # other cells do work: only their imports
+            imports = [node for node in ast.parse(source).body if isinstance(node, (ast.Import, ast.ImportFrom))]
             exec(compile(ast.Module(body=imports, type_ignores=[]), str(notebook_path), "exec"), namespace)
-    return namespace
+    return namespace if names is None else tuple(namespace[name] for name in names)

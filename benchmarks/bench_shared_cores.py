@@ -12,6 +12,7 @@ Run it on an otherwise idle machine.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -35,11 +36,14 @@ NEIGHBOURS = {
 def worker(policy, images, epochs, data_dir, forever):
     """Train on the first `images` MNIST images; print each epoch's seconds (or loop until killed)."""
     nb = vh.load_notebook_definitions(REPO / "Variational_autoencoder.ipynb")
-    train, _, _ = vh.load_dataset(data_dir, "mnist", torch.device("cpu"), allow_download=False)
+    train, _, _ = vh.load_splits(data_dir, "mnist", torch.device("cpu"), allow_download=False)
     data = train.images[:images]
     torch.manual_seed(0)
     model = nb["VAE"]()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as the walkthrough
+    cells = json.loads((REPO / "Variational_autoencoder.ipynb").read_text())["cells"]
+    optimizer_cell = next("".join(c["source"]) for c in cells if "torch.optim." in "".join(c["source"]))
+    exec(optimizer_cell, namespace := {"torch": torch, "model": model, "LEARNING_RATE": 1e-3})  # as the walkthrough
+    optimizer = namespace["optimizer"]
     vh.configure_torch(fair_threads=policy == "fair")
     epoch = 0
     while forever or epoch < epochs:

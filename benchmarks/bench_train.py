@@ -103,7 +103,7 @@ def floor_worker(tree, checkpoint, data_dir, train_subset):
     vh.configure_torch(fair_threads=False)  # the notebook's arithmetic (it sets MKL_CBWR: a process of its own)
     state = torch.load(checkpoint, weights_only=True)["model"]
     w = {name.removesuffix(".weight"): value for name, value in state.items() if name.endswith(".weight")}
-    train, test, _ = vh.load_dataset(data_dir, "mnist", torch.device("cpu"), allow_download=False)
+    train, test, _ = vh.load_splits(data_dir, "mnist", torch.device("cpu"), allow_download=False)
     images = train.images[:train_subset] if train_subset else train.images
     print(json.dumps(min(matmul_floor(w, images, test.images) for _ in range(3))))
 

@@ -1,11 +1,6 @@
-"""Shared test setup: the quick configuration, where the data is, and papermill as the one whole-notebook runner.
-
-nbval runs copies of both notebooks that papermill prepared with the quick configuration (1 epoch on 2,000
-images) and a scratch OUT_DIR as parameters, in build/nbval: the notebook tests never write into the repository.
-They are added when pytest runs its testpaths (`python -m pytest`, `make test`). Tests that need real MNIST
-(marked `notebook`, and the notebooks under nbval) are skipped, with the reason, when it is not on disk: tests
-never download. The data folder is --data-dir (the Makefile passes DATA_DIR), else the repository's `data`.
-"""
+"""Shared test setup: the quick configuration, where the data is (--data-dir), papermill as the one whole-notebook
+runner, nbval's prepared copies of both notebooks in build/nbval (when pytest runs its testpaths), the pieces
+several test files use. Tests that need real MNIST are skipped, with the reason, when it is not on disk."""
 
 import os
 import shutil
@@ -14,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "Variational_autoencoder.ipynb"
@@ -24,13 +20,11 @@ sys.path.insert(0, str(REPO / "tools"))  # the command-line tools, importable as
 import vae_helpers as vh  # noqa: E402
 
 # The parameters cells' defaults, as a reader sees them.
-DEFAULTS = {
-    NOTEBOOK: {"EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234,
-               "DATA_DIR": "data", "OUT_DIR": "outputs", "TRAIN_SUBSET": 0, "DEVICE": "auto", "DATASET": "mnist",
-               "BETA": 1.0, "BINARIZE": False, "RESUME": False},
-    COMPANION: {"OUT_DIR": "outputs", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto", "IW_SAMPLES": 1000,
-                "IW_TEST_IMAGES": 1000},
-}
+DEFAULTS = {NOTEBOOK: {"EPOCHS": 20, "BATCH_SIZE": 128, "LATENT_DIM": 20, "LEARNING_RATE": 1e-3, "SEED": 1234,
+                       "DATA_DIR": "data", "OUT_DIR": "outputs", "TRAIN_SUBSET": 0, "DEVICE": "auto",
+                       "DATASET": "mnist", "BETA": 1.0, "BINARIZE": False, "RESUME": False, "PRETRAINED": False},
+            COMPANION: {"OUT_DIR": "outputs", "DATA_DIR": "data", "DATASET": "mnist", "DEVICE": "auto",
+                        "IW_SAMPLES": 1000, "IW_TEST_IMAGES": 1000}}
 # The quick configuration of the fast tier (nbval), as papermill parameters; each notebook takes those it has.
 QUICK_SETTINGS = {"EPOCHS": 1, "TRAIN_SUBSET": 2000, "IW_SAMPLES": 50, "IW_TEST_IMAGES": 100}
 NBVAL_DIR = REPO / "build" / "nbval"
@@ -47,19 +41,54 @@ def nb():
     return vh.load_notebook_definitions(NOTEBOOK)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors, where a second thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as vh.configure_torch: Adam's tiny moments are subnormal, and slow
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vae(nb, pixels=16, hidden=8, latent_dim=2, seed=0):
+    """The walkthrough's VAE with its layers swapped for tiny ones (the same forward code): a run is a blink."""
+    torch.manual_seed(seed)
+    model = nb["VAE"](latent_dim)
+    for name, sizes in dict(enc1=(pixels, hidden), enc2=(hidden, hidden), enc_mu=(hidden, latent_dim),
+                            enc_log_var=(hidden, latent_dim), dec1=(latent_dim, hidden), dec2=(hidden, hidden),
+                            dec3=(hidden, pixels)).items():
+        setattr(model, name, torch.nn.Linear(*sizes))
+    return model
+
+
+def losses(history):
+    """A run's epochs without their seconds: what two identical runs share to the last bit."""
+    return [{key: value for key, value in epoch.items() if key != "seconds"} for epoch in history]
+
+
+def under_ci():
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def require(what, present):
+    """Skip when `present` is false, with `what` as the reason; under CI fail: CI never passes a check by skipping."""
+    if not present and under_ci():
+        pytest.fail(f"{what} (CI is set: this test must run, not skip)")
+    if not present:
+        pytest.skip(what)
+
+
+def require_strict_mkl():
+    """Skip unless MKL's mode can be read (its strict mode: the same bits at any thread count); under CI, fail."""
+    why = ("torch has no MKL" if not torch.backends.mkl.is_available() else
+           "torch's MKL does not export mkl_serv_cbwr_get, which vh.mkl_cbwr_mode reads")
+    require(f"{why}: the same bits at any thread count cannot be checked", vh.mkl_cbwr_mode() is not None)
+
+
 def data_root():
     """The folder the notebooks read data from in the tests: --data-dir, else the repository's `data`."""
     return DATA_ROOT[0]
-
-
-def dataset_present(root, dataset):
-    """True if all four files of `dataset` are in `root`, in torchvision's layout (<Name>/raw/)."""
-    return not vh.missing_files(root, dataset)
-
-
-def snapshot(folder):
-    """Every file below `folder` (by relative path) with its bytes, to show that nothing was changed or lost."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def prepare_notebook(notebook, target, clear_outputs=False, **parameters):
@@ -72,16 +101,14 @@ def prepare_notebook(notebook, target, clear_outputs=False, **parameters):
                                prepare_only=True, kernel_name="python3", progress_bar=False)
     if clear_outputs:
         copy = nbformat.read(target, as_version=4)
-        for cell in copy.cells:
-            if cell.cell_type == "code":
-                cell.outputs, cell.execution_count = [], None
+        for cell in (cell for cell in copy.cells if cell.cell_type == "code"):
+            cell.outputs, cell.execution_count = [], None
         nbformat.write(copy, target)
     return Path(target)
 
 
 def execute_notebook(notebook, output_path, **parameters):
-    """Run a whole notebook with papermill in the repository's folder (so `import vae_helpers` works), its settings
-    given as papermill parameters. Returns the executed notebook; raises PapermillExecutionError on an error."""
+    """The notebook executed by papermill in the repository's folder, with `parameters`."""
     import papermill
 
     return papermill.execute_notebook(str(notebook), str(output_path), parameters=parameters, cwd=str(REPO),
@@ -89,12 +116,12 @@ def execute_notebook(notebook, output_path, **parameters):
 
 
 def pytest_configure(config):
-    """Where the data is; when pytest runs its testpaths, nbval's copies of both notebooks in the quick configuration
-    (the walkthrough first: the companion reads its checkpoint), with a scratch OUT_DIR."""
+    """Where the data is; for a run of the testpaths, nbval's quick copies of both notebooks, walkthrough first."""
     DATA_ROOT[0] = Path(config.getoption("data_dir")).expanduser().resolve()
-    if config.args_source != pytest.Config.ArgsSource.TESTPATHS or not dataset_present(data_root(), "mnist"):
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS or vh.missing_files(data_root(), "mnist"):
         return
     config.nbval_out_dir = tempfile.mkdtemp(prefix="vae-nbval-")
+    config.add_cleanup(lambda: shutil.rmtree(config.nbval_out_dir, ignore_errors=True))
     shutil.rmtree(NBVAL_DIR, ignore_errors=True)
     NBVAL_DIR.mkdir(parents=True)
     (NBVAL_DIR / "vae_helpers.py").symlink_to(REPO / "vae_helpers.py")  # imported from the kernel's folder
@@ -104,17 +131,14 @@ def pytest_configure(config):
         config.args.append(str(NBVAL_DIR / notebook.name))
 
 
-def pytest_unconfigure(config):
-    """Remove the scratch OUT_DIR."""
-    if hasattr(config, "nbval_out_dir"):
-        shutil.rmtree(config.nbval_out_dir, ignore_errors=True)
-
-
 def pytest_collection_modifyitems(config, items):
-    """Skip everything that executes a notebook when MNIST is not on disk (tests never download)."""
-    if dataset_present(data_root(), "mnist"):
+    """Skip everything that executes a notebook when MNIST is not on disk (tests never download); under CI, stop."""
+    if not vh.missing_files(data_root(), "mnist"):
         return
-    skip = pytest.mark.skip(reason=f"MNIST is not in {data_root()}: run `make data`, or pass --data-dir")
+    reason = f"MNIST is not in {data_root()}: run `make data`, or pass --data-dir"
+    if under_ci():
+        raise pytest.UsageError(f"{reason} (CI is set: the tests that need it must run, not skip)")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if item.path.suffix == ".ipynb" or item.get_closest_marker("notebook"):
             item.add_marker(skip)

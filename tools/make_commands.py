@@ -6,7 +6,6 @@
 """
 
 import gzip
-import json
 import sys
 from pathlib import Path
 
@@ -36,8 +35,8 @@ def check_run(out_dir, max_test_loss):
     """SystemExit with the reason unless `out_dir` holds a finished, evaluated run within the test-loss bound."""
     out = Path(out_dir)
     try:
-        metrics = json.loads((out / "metrics.json").read_text())
-        iw = json.loads((out / "evaluation.json").read_text())["importance_weighted"]
+        metrics, evaluation = vh.read_run(out)
+        iw = evaluation["importance_weighted"]
         loss, nll, k = metrics["final_test_loss"], iw["nll"], iw["K"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"FAILED: {out} lacks a finished, evaluated run ({type(err).__name__}: {err})") from None
@@ -55,7 +54,7 @@ def main(argv):
     if len(argv) == 3 and argv[0] == "fetch":
         if argv[2] == "fashion" and vh.missing_files(argv[1], "fashion") and DEBIAN_FASHION.is_dir():
             unpack_fashion(argv[1])
-        train, test, _ = vh.load_dataset(argv[1], argv[2], torch.device("cpu"))
+        train, test, _ = vh.load_splits(argv[1], argv[2], torch.device("cpu"))
         print(f"{argv[2]} in {argv[1]}: {len(train.images):,} + {len(test.images):,} images, checksums verified")
     elif len(argv) == 3 and argv[0] == "check-run":
         check_run(argv[1], float(argv[2]))
