@@ -240,9 +240,8 @@ def load_splits(data_dir, dataset, device, train_subset=0, binarize=False, allow
     for name, (size, sha256) in files.items():
         data = (raw / name).read_bytes()
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-            raise DataError(f"{raw / name} is not the published file (size or SHA-256 differs: truncated or altered). "
-                            f"Training did not start. Delete it and run again to download it, or point DATA_DIR at "
-                            f"a verified copy. Expected {size:,} bytes, SHA-256 {sha256}.")
+            raise DataError(f"{raw / name} is not the published file (truncated or altered: its size or SHA-256 "
+                            "differs). Delete it and run again to download it, or point DATA_DIR at a verified copy.")
     loaded = dict(DATA_DIR=data_dir, DATASET=dataset, TRAIN_SUBSET=train_subset, BINARIZE=binarize)
     splits = []
     for train in (True, False):
@@ -272,11 +271,9 @@ def write_bytes_atomically(data, path):
             raise
         temp.unlink(missing_ok=True)  # before measuring the free space
         free = shutil.disk_usage(target.parent).free
-        raise OSError(err.errno, (
-            f"Could not write {target.name} ({len(data) / 1e6:.1f} MB) into {target.parent}: the disk is full or over "
-            f"quota ({free / 1e6:.1f} MB free). Nothing was damaged: files already there, an older {target.name} "
-            "included, are whole. Free some space, or point OUT_DIR at a disk with room, and run the cell again."),
-            str(target)) from err
+        raise OSError(err.errno, f"Could not write {target.name} ({len(data) / 1e6:.1f} MB) into {target.parent}: the "
+                      f"disk is full or over quota ({free / 1e6:.1f} MB free). Nothing was damaged, an older "
+                      f"{target.name} included. Free some space, or set OUT_DIR to another disk.", str(target)) from err
     finally:
         temp.unlink(missing_ok=True)
     return target
@@ -333,10 +330,14 @@ def _same_weights(model, saved):
 
 
 def _check_data(settings, model, splits):
-    """NotebookOrderError naming the data cell if the loaded data no longer fits `settings` or `model`'s device."""
+    """NotebookOrderError naming the cell to run if DEVICE, or the settings the data was loaded with, changed."""
+    here = next(model.parameters()).device
+    if choose_device(settings["DEVICE"], prefer=str(here)).type != here.type:  # 'auto' is met by the device it chose
+        raise NotebookOrderError(f"DEVICE changed after the setup cell (`device = ...`) chose {here}. Run it and the "
+                                 "cells after it, in order.")
     for split in splits:
         changed = _changed(split.settings, settings, DATA_SETTINGS)
-        if changed or split.images.device != next(model.parameters()).device:
+        if changed or split.images.device != here:
             raise NotebookOrderError(f"Settings changed after the data was loaded ({changed or 'DEVICE'}). Run "
                                      f"{DATA_CELL} and the cells after it, in order.")
 
@@ -346,15 +347,16 @@ _trained = weakref.WeakSet()  # the models that trained or loaded weights in thi
 
 def start_or_resume(checkpoint_path, model, optimizer, settings, train, test):
     """Epochs done; model and optimizer as after the last: from vae.pt (this process's, or RESUME), model.pt or anew."""
-    path, here, finished = Path(checkpoint_path), str(next(model.parameters()).device), Path(checkpoint_path).parent
+    path, here = Path(checkpoint_path), str(next(model.parameters()).device)
+    finished = path.with_name(MODEL_FILE)  # the trained model, beside the checkpoint
     _check_data(settings, model, (train, test))
     if {id(p) for group in optimizer.param_groups for p in group["params"]} != {id(p) for p in model.parameters()}:
         raise NotebookOrderError(f"`optimizer` belongs to another `model`: {MODEL_CELL} was run after the optimizer "
                                  f"was created. Run {OPTIMIZER_CELL}, then this cell.")
-    if finished.resolve() != Path(settings["OUT_DIR"]).expanduser().resolve():
-        raise NotebookOrderError(f"OUT_DIR changed after the setup cell (`out_dir = ...`) made {finished}. Run it "
+    if path.parent.resolve() != Path(settings["OUT_DIR"]).expanduser().resolve():
+        raise NotebookOrderError(f"OUT_DIR changed after the setup cell (`out_dir = ...`) made {path.parent}. Run it "
                                  "and the cells after it, in order.")
-    trained_before, finished = model in _trained, finished / MODEL_FILE
+    trained_before = model in _trained
     if settings["PRETRAINED"]:  # the trained model beside the checkpoint, instead of training
         saved = read_finished_model(finished, **{k: settings[k] for k in ("EPOCHS", *RUN_SETTINGS)})
         model.load_state_dict(saved["model"])
@@ -382,7 +384,7 @@ def start_or_resume(checkpoint_path, model, optimizer, settings, train, test):
             elif not ours:
                 print(f"resuming from {path} after epoch {len(state['history'])}")
             return state["history"]
-        if not ours:
+        if not ours or settings["RESUME"]:  # RESUME asks for this file: never replaced unasked
             raise CheckpointError(f"{path} was made with other settings ({changed}). Delete it (or set RESUME = "
                                   "False) to start afresh, or choose another OUT_DIR.")
         if trained_before:
@@ -417,9 +419,8 @@ def _save_model(path, model, history, settings):
 def save_checkpoint(checkpoint_path, model, optimizer, history, settings):
     """Save vae.pt after an epoch and, once all EPOCHS are done, model.pt (no optimizer); refuse a nan or inf loss."""
     if history and not all(math.isfinite(value) for value in history[-1].values()):
-        raise FloatingPointError(f"The loss became nan or inf in epoch {len(history)} ({history[-1]}). That epoch was "
-                                 f"not saved; {checkpoint_path} still holds epoch {len(history) - 1}. Try a smaller "
-                                 "LEARNING_RATE (the default is 1e-3), and check that the data is in [0, 1].")
+        raise FloatingPointError(f"The loss became nan or inf in epoch {len(history)}, not saved: {checkpoint_path} "
+                                 f"still holds epoch {len(history) - 1}. Try a smaller LEARNING_RATE (default 1e-3).")
     _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": settings, "history": history,
            "device": str(next(model.parameters()).device), "writer": _this_process()}, checkpoint_path)
     if len(history) == settings["EPOCHS"]:
@@ -429,8 +430,7 @@ def save_checkpoint(checkpoint_path, model, optimizer, history, settings):
 def read_finished_model(path, **expected):
     """model.pt: weights, settings, epochs, device, versions; CheckpointError if unreadable or not as `expected`."""
     saved = read_checkpoint(path, MODEL_KEYS, f"Run the training cell of {WALKTHROUGH.name} to its last epoch with "
-                            "this OUT_DIR (make run), or set OUT_DIR to a folder that holds one: outputs/ holds the "
-                            "committed run's.")
+                            "this OUT_DIR, or set OUT_DIR to a folder with one: outputs/ holds the committed run's.")
     if changed := _changed(saved["config"], expected, expected):
         raise CheckpointError(f"{path} was trained with other settings ({changed}). Set them as it has them, or "
                               "point OUT_DIR at another model (in the walkthrough: or set PRETRAINED = False).")

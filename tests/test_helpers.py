@@ -207,6 +207,7 @@ def test_check_run_accepts_a_finished_run_within_the_bound_only(tmp_path, capsys
 def test_fair_threads_counts_only_the_cores_this_process_may_use(monkeypatch):
     cpu = collections.namedtuple("scputimes", "user nice system idle iowait")
     monkeypatch.setattr(vh.psutil, "cpu_times", lambda percpu: [cpu(1, 0, 1, 5, 3), cpu(8, 0, 8, 1, 0)])
+    monkeypatch.setattr(vh.psutil.Process, "cpu_affinity", lambda self: [0, 1], raising=False)  # any machine: 2 CPUs
     policy = vh.FairThreads()
     policy.cpus = [0]  # as under `taskset -c 0`: cpu1's work is not competing with us
     assert policy._sample()[1] == 2  # user + system of cpu0: idle and iowait are not work

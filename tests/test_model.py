@@ -1,5 +1,5 @@
 """The walkthrough's model, loss, training epoch and evaluation, exactly as its cells tagged `definitions` define
-them, against independent oracles: torch.distributions, a float64 numpy BCE, and sigmoid-then-BCE."""
+them, against independent oracles: torch.distributions and a float64 numpy BCE."""
 
 import numpy as np
 import pytest

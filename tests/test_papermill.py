@@ -35,10 +35,7 @@ def test_the_committed_model_explored_and_evaluated_end_to_end_without_training(
     metrics, committed = (json.loads((folder / "metrics.json").read_text()) for folder in (out, REPO / "outputs"))
     assert metrics == committed | {"entropy_floor": pytest.approx(committed["entropy_floor"])}  # the floor: this CPU's
     execute_notebook(COMPANION, tmp_path / "companion.ipynb", **QUICK_COMPANION, **data)
-    evaluation, state = json.loads((out / "evaluation.json").read_text()), vh.read_finished_model(out / "model.pt")
-    assert evaluation["checkpoint_config"] == state["config"] == metrics["config"]
-    iw = evaluation["importance_weighted"]
-    assert (iw["K"], iw["test_images"], iw["by_K"]["K"]) == (50, 100, [1, 10, 50])
-    assert len(evaluation["kl_per_dimension"]) == state["config"]["LATENT_DIM"]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["checkpoint_config"] == metrics["config"]  # the committed model, as the companion read it
     assert evaluation["elbo_surgery"]["average_kl"] == pytest.approx(metrics["final_test_kl"], rel=1e-4)
     assert 0 < metrics["entropy_floor"] < metrics["final_test_recon"]

@@ -128,6 +128,8 @@ def test_an_untrained_model_or_an_optimizer_of_another_model_names_the_cell_to_r
         training_cell(nb, tmp_path, model, stale_optimizer)
     with pytest.raises(vh.NotebookOrderError, match="OUT_DIR changed after the setup cell"):
         training_cell(nb, tmp_path, *model_cell(nb), dict(CONFIG, OUT_DIR=str(tmp_path / "elsewhere")))
+    with pytest.raises(vh.NotebookOrderError, match="DEVICE changed after the setup cell .* chose meta"):
+        vh.require_trained(tiny_vae(nb).to("meta"), dict(CONFIG, OUT_DIR=str(tmp_path)))  # DEVICE = 'cpu'
 
 
 @pytest.mark.parametrize(("change", "cell"), [(dict(BETA=2.0), "model"), (dict(LATENT_DIM=4), "model"),
@@ -170,8 +172,10 @@ def test_a_checkpoint_another_process_wrote_is_refused_and_replaced_only_afresh(
 def test_resume_refuses_a_checkpoint_from_other_settings_or_device_and_leaves_it(nb, tmp_path, monkeypatch):
     training_cell(nb, tmp_path, *model_cell(nb))
     before = (tmp_path / "vae.pt").read_bytes()
-    monkeypatch.setattr(vh, "_this_process", lambda: "a new kernel")
     resume = dict(CONFIG, RESUME=True, LATENT_DIM=3, BETA=2.0)
+    with pytest.raises(vh.CheckpointError, match=r"other settings \(LATENT_DIM: 2 -> 3"):  # this kernel's file too
+        training_cell(nb, tmp_path, *model_cell(nb, resume), resume)
+    monkeypatch.setattr(vh, "_this_process", lambda: "a new kernel")
     with pytest.raises(vh.CheckpointError, match=r"other settings \(LATENT_DIM: 2 -> 3; BETA: 1.0 -> 2.0\)"):
         training_cell(nb, tmp_path, *model_cell(nb, resume), resume)
     assert (tmp_path / "vae.pt").read_bytes() == before
@@ -201,7 +205,7 @@ def test_a_nan_loss_is_not_saved_and_the_previous_checkpoint_is_kept(nb, tmp_pat
     history, _ = training_cell(nb, tmp_path, model, optimizer, dict(CONFIG, EPOCHS=1))
     before = (tmp_path / "vae.pt").read_bytes()
     history.append(dict(history[-1], train_recon=float("nan")))
-    with pytest.raises(FloatingPointError, match=r"epoch 2 .*still holds epoch 1.*LEARNING_RATE"):
+    with pytest.raises(FloatingPointError, match=r"epoch 2, not saved: .*still holds epoch 1.*LEARNING_RATE"):
         vh.save_checkpoint(tmp_path / "vae.pt", model, optimizer, history, dict(CONFIG, EPOCHS=2))
     assert (tmp_path / "vae.pt").read_bytes() == before
 

@@ -1,7 +1,6 @@
 """The command line behind `make data` and `make reproduce`.
 
-    python tools/make_commands.py fetch DATA_DIR DATASET          find (or download, or unpack Debian's
-                                                                    Fashion-MNIST) and verify a data set
+    python tools/make_commands.py fetch DATA_DIR DATASET          find (or download, or unpack) and verify a data set
     python tools/make_commands.py check-run OUT_DIR MAX_TEST_LOSS  fail unless OUT_DIR holds a finished, evaluated run
 """
 

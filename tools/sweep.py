@@ -264,6 +264,8 @@ def publish(out, names, target, first_seeds):
     """Copy the summary, figure, runs' JSON and first seeds' figures into a new folder that then replaces `target`."""
     target, out = Path(target), Path(out)
     staging, old = (target.with_name(f".{target.name}.{kind}") for kind in ("new", "old"))
+    if old.exists() and not target.exists():  # a publish stopped between its two renames: the old copy is whole
+        old.rename(target)
     for folder in (staging, old):
         shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted publish
     pairs = [(out / file, file) for file in (SUMMARY, FIGURE) if (out / file).is_file()]
